@@ -1,0 +1,174 @@
+"""Local training of one client, and the compiled map of it over a cohort.
+
+``local_train`` is a ``lax.scan`` over local steps with an optax optimiser. Padded steps (clients
+with fewer examples than the cohort's largest) leave parameters *and* optimiser state unchanged:
+they are selected away with ``jnp.where``, since zeroed gradients would still move momentum.
+
+Hooks, all pure functions:
+  * ``grad_fn(params, anchor, x, y, mask, rng) -> (grads, loss)``: the per-step gradient. The
+    default averages per-example losses over the valid examples; DP-SGD swaps in per-example
+    clipping and noise; a ``regularizer(params, anchor)`` (FedProx, Ditto) is added to the loss.
+  * ``projection(params, anchor, ctx) -> params`` after every step (PGD attacker: stay within a
+    ball around the round's starting model).
+  * ``data_transform(x, y, mask, rng, ctx) -> (x, y)`` on each gathered batch (data poisoning).
+``ctx`` is the client's slice of the cohort context (e.g. ``{"malicious": bool}``).
+
+``map_clients`` runs a per-client function over the cohort with a configurable width: 1 is a
+``lax.map`` (scan), C a full ``vmap``, in between ``lax.map(batch_size=width)``; optionally inside
+``jax.shard_map`` over a ``'clients'`` mesh axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, PartitionSpec as P
+
+Params = Any
+PyTree = Any
+GradFn = Callable[..., tuple[Params, jax.Array]]
+CLIENTS_AXIS = "clients"
+
+
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+  m = mask.astype(values.dtype)
+  return jnp.sum(values * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def tree_where(cond: jax.Array, a: PyTree, b: PyTree) -> PyTree:
+  return jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
+
+
+def tree_sub(a: PyTree, b: PyTree) -> PyTree:
+  return jax.tree.map(jnp.subtract, a, b)
+
+
+def tree_add(a: PyTree, b: PyTree) -> PyTree:
+  return jax.tree.map(jnp.add, a, b)
+
+
+def tree_sq_norm(t: PyTree) -> jax.Array:
+  return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(t))
+
+
+def prox_regularizer(mu: float) -> Callable[[Params, Params], jax.Array]:
+  """FedProx's proximal term (Li et al. 2020): ``mu / 2 * ||w - w_global||^2``."""
+  if mu < 0:
+    raise ValueError(f"prox mu must be >= 0, got {mu}")
+  return lambda params, anchor: 0.5 * mu * tree_sq_norm(tree_sub(params, anchor))
+
+
+def make_grad_fn(example_losses: Callable, regularizer: Callable | None = None) -> GradFn:
+  """Returns the default ``grad_fn``: gradient of the masked mean loss (+ regulariser)."""
+
+  def loss(params, anchor, x, y, mask):
+    value = masked_mean(example_losses(params, x, y), mask)
+    if regularizer is not None:
+      value = value + regularizer(params, anchor)
+    return value
+
+  vg = jax.value_and_grad(loss)
+
+  def grad_fn(params, anchor, x, y, mask, rng):
+    del rng
+    value, grads = vg(params, anchor, x, y, mask)
+    return grads, value
+
+  return grad_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientTrainer:
+  """What a client does locally: gradient, optimiser, and optional per-step hooks."""
+
+  grad_fn: GradFn
+  optimizer: optax.GradientTransformation
+  projection: Callable | None = None
+  data_transform: Callable | None = None
+
+
+def local_train(trainer: ClientTrainer, params: Params, xs: jax.Array, ys: jax.Array, mask: jax.Array,
+                rng: jax.Array, ctx: PyTree = None) -> tuple[Params, dict]:
+  """Returns (update = new params - params, aux) after scanning over ``xs.shape[0]`` steps.
+
+  Args:
+    xs, ys, mask: ``[steps, batch, ...]`` inputs, labels and valid-example mask.
+    ctx: this client's context (passed to hooks).
+  aux: ``loss`` (mean over active steps), ``num_steps`` and ``num_examples`` used.
+  """
+  anchor = params
+  opt_state = trainer.optimizer.init(params)
+
+  def step(carry, inp):
+    p, s = carry
+    x, y, m, key = inp
+    k_data, k_grad = jax.random.split(key)
+    if trainer.data_transform is not None:
+      x, y = trainer.data_transform(x, y, m, k_data, ctx)
+    grads, loss = trainer.grad_fn(p, anchor, x, y, m, k_grad)
+    upd, s_new = trainer.optimizer.update(grads, s, p)
+    p_new = optax.apply_updates(p, upd)
+    if trainer.projection is not None:
+      p_new = trainer.projection(p_new, anchor, ctx)
+    active = jnp.any(m)
+    return (tree_where(active, p_new, p), tree_where(active, s_new, s)), (loss, active)
+
+  keys = jax.random.split(rng, xs.shape[0])
+  (p, _), (losses, active) = jax.lax.scan(step, (params, opt_state), (xs, ys, mask, keys))
+  aux = {
+      "loss": masked_mean(losses, active),
+      "num_steps": jnp.sum(active).astype(jnp.int32),
+      "num_examples": jnp.sum(mask).astype(jnp.float32),
+  }
+  return tree_sub(p, params), aux
+
+
+def gather_client_batches(arrays: dict, offset: jax.Array, pos: jax.Array) -> dict:
+  """Gathers one client's ``[steps, batch, ...]`` examples from the flat arrays with one take each."""
+  idx = offset + pos
+  return {k: jnp.take(v, idx, axis=0) for k, v in arrays.items()}
+
+
+def map_clients(fn: Callable, xs: PyTree, width: int = 1) -> PyTree:
+  """Returns ``fn`` mapped over the leading axis of ``xs``: width 1 = scan, >= C = vmap."""
+  cohort = jax.tree.leaves(xs)[0].shape[0]
+  if width < 1:
+    raise ValueError(f"clients_per_step (map width) must be >= 1, got {width}")
+  if width >= cohort:
+    return jax.vmap(fn)(xs)
+  if width == 1:
+    return jax.lax.map(fn, xs)
+  return jax.lax.map(fn, xs, batch_size=width)
+
+
+def make_client_mesh(num_devices: int | None = None) -> Mesh:
+  """Returns a 1-D mesh over the first ``num_devices`` local devices on the ``'clients'`` axis."""
+  devices = jax.devices()
+  n = len(devices) if num_devices is None else num_devices
+  if not 1 <= n <= len(devices):
+    raise ValueError(f"num_devices must be in [1, {len(devices)}] (devices present), got {n}")
+  return Mesh(np.array(devices[:n]), (CLIENTS_AXIS,))
+
+
+def map_clients_sharded(fn: Callable, shared: PyTree, xs: PyTree, width: int, mesh: Mesh) -> PyTree:
+  """Maps ``fn(shared, x)`` over clients split across ``mesh``'s ``'clients'`` axis.
+
+  ``shared`` (global params, the flat dataset) is replicated. It is cast to *varying* across the
+  axis before use: otherwise ``jax.grad`` with respect to replicated params inside ``shard_map``
+  inserts a psum and every client would see the sum of all devices' gradients.
+  """
+  n_dev = mesh.shape[CLIENTS_AXIS]
+  cohort = jax.tree.leaves(xs)[0].shape[0]
+  if cohort % n_dev:
+    raise ValueError(f"cohort_size ({cohort}) must be a multiple of the number of devices ({n_dev})")
+
+  def body(shared_local, xs_local):
+    shared_local = jax.tree.map(lambda a: jax.lax.pcast(a, (CLIENTS_AXIS,), to="varying"), shared_local)
+    return map_clients(lambda x: fn(shared_local, x), xs_local, width)
+
+  return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(CLIENTS_AXIS)), out_specs=P(CLIENTS_AXIS))(shared, xs)

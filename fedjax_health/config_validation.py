@@ -1,0 +1,89 @@
+"""Config validation: every field checked before any data is loaded or anything compiled.
+
+Errors name the config field and the allowed values: ``config.num_rounds must be >= 1, got -1``.
+Modules that add config sections register a checker with ``register_check``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+CHECKS: list[Callable] = []
+
+
+def register_check(fn: Callable):
+  """Registers ``fn(config, data_or_None)`` to run in ``validate_config``."""
+  CHECKS.append(fn)
+  return fn
+
+
+def require(cond: bool, field: str, allowed: str, value) -> None:
+  if not cond:
+    raise ValueError(f"config.{field} must be {allowed}, got {value!r}")
+
+
+def _choice(config, field: str, allowed) -> None:
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  require(value in allowed, field, f"one of {sorted(allowed)}", value)
+
+
+@register_check
+def check_core(config, data=None) -> None:
+  from fedjax_health import models
+  from fedjax_health.data import registry as data_registry
+  from fedjax_health.simulation import ALGORITHMS
+
+  require(isinstance(config.num_rounds, int) and config.num_rounds >= 1, "num_rounds", ">= 1", config.num_rounds)
+  require(config.eval_every >= 1, "eval_every", ">= 1", config.eval_every)
+  _choice(config, "algorithm", ALGORITHMS)
+  _choice(config, "dataset.name", data_registry.DATASETS)
+  _choice(config, "model.name", models.MODELS)
+  if "activation" in config.model:
+    _choice(config, "model.activation", models.ACTIVATIONS)
+  ds = config.dataset
+  if ds.name in ("breastmnist", "retinamnist", "synthetic"):
+    require(ds.num_clients >= 1, "dataset.num_clients", ">= 1", ds.num_clients)
+  if ds.name in ("breastmnist", "retinamnist"):
+    _choice(config, "dataset.partition", ("dirichlet", "iid", "quantity", "shards"))
+    if ds.partition == "dirichlet":
+      require(ds.alpha > 0, "dataset.alpha", "> 0", ds.alpha)
+  if ds.name == "synthetic":
+    require(ds.alpha >= 0, "dataset.alpha", ">= 0", ds.alpha)
+    require(ds.beta >= 0, "dataset.beta", ">= 0", ds.beta)
+  for key in ("data_dir", "path"):
+    path = ds.get(key)
+    if path:
+      require(os.path.exists(path), f"dataset.{key}", "an existing path", path)
+  c = config.client
+  _choice(config, "client.optimizer", ("sgd", "adam"))
+  require(c.learning_rate > 0, "client.learning_rate", "> 0", c.learning_rate)
+  require(c.batch_size >= 1, "client.batch_size", ">= 1", c.batch_size)
+  require(c.num_epochs >= 0, "client.num_epochs", ">= 0 (0: use client.num_steps)", c.num_epochs)
+  require(c.num_epochs > 0 or c.num_steps >= 1, "client.num_steps", ">= 1 when client.num_epochs is 0", c.num_steps)
+  require(c.prox_mu >= 0, "client.prox_mu", ">= 0", c.prox_mu)
+  s = config.server
+  _choice(config, "server.optimizer", ("sgd", "adam", "yogi", "adagrad"))
+  require(s.learning_rate > 0, "server.learning_rate", "> 0", s.learning_rate)
+  require(s.tau > 0, "server.tau", "> 0", s.tau)
+  require(config.clients_per_step >= 1, "clients_per_step", ">= 1", config.clients_per_step)
+  require(config.num_devices >= 0, "num_devices", ">= 0 (0: no sharding)", config.num_devices)
+  import jax
+  require(config.num_devices <= jax.device_count(), "num_devices",
+          f"<= the {jax.device_count()} devices present", config.num_devices)
+  require(config.cohort_size >= 0, "cohort_size", ">= 0 (0: all clients)", config.cohort_size)
+  if data is not None:
+    n = data.num_clients
+    require(config.cohort_size <= n, "cohort_size", f"<= the number of clients ({n})", config.cohort_size)
+    cohort = config.cohort_size or n
+    if config.num_devices > 1:
+      require(cohort % config.num_devices == 0, "cohort_size",
+              f"a multiple of config.num_devices={config.num_devices}", cohort)
+
+
+def validate_config(config, data=None) -> None:
+  """Raises ValueError naming the first bad field; ``data`` enables the data-dependent checks."""
+  for check in CHECKS:
+    check(config, data)

@@ -1,0 +1,181 @@
+"""The simulation loop: build everything from a config, run rounds, evaluate, write outputs.
+
+``run(config, workdir)`` validates the whole config before anything is compiled, then runs
+``num_rounds`` compiled rounds, evaluating every ``eval_every`` rounds, and writes to ``workdir``:
+``config.json``, ``metrics.jsonl`` (one JSON object per evaluated round), ``summary.json`` and
+``learning_curves.png``. Algorithms are looked up by name in ``ALGORITHMS``; each builder returns
+an ``Experiment``. Baselines that train several independent models (``local``: one per site) are
+``Experiment`` lists run one after the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fedjax_health import metrics as metrics_lib
+from fedjax_health import models
+from fedjax_health.config_validation import validate_config
+from fedjax_health.data import registry as data_registry
+from fedjax_health.data.federated import BatchPlanSpec, FederatedData, FederatedDataset
+
+Params = Any
+
+
+@dataclasses.dataclass
+class Experiment:
+  """One compiled federated training run.
+
+  ``round_fn(state, train, rng) -> (state, metrics)`` with ``train`` the device data;
+  ``evaluate(state) -> dict`` host-side metrics of the current state.
+  """
+
+  name: str
+  init_state: Any
+  round_fn: Callable
+  train: dict
+  evaluate: Callable[[Any], dict]
+  params_of: Callable[[Any], Params] = lambda s: s.params
+
+
+ALGORITHMS: dict[str, Callable[[ml_collections.ConfigDict, FederatedData, models.Model], list[Experiment]]] = {}
+
+
+def register_algorithm(name: str):
+  """Decorator: registers ``builder(config, data, model) -> list[Experiment]`` under ``name``."""
+
+  def deco(fn):
+    ALGORITHMS[name] = fn
+    return fn
+
+  return deco
+
+
+def build_plan(config, client_sizes: np.ndarray) -> BatchPlanSpec:
+  c = config.client
+  if c.num_epochs > 0:
+    return BatchPlanSpec.create(client_sizes, c.batch_size, num_epochs=c.num_epochs)
+  return BatchPlanSpec.create(client_sizes, c.batch_size, num_epochs=None, num_steps=c.num_steps)
+
+
+def build_model(config, data: FederatedData) -> models.Model:
+  kwargs = {k: v for k, v in config.model.items() if k != "name"}
+  return models.get_model(config.model.name, data.num_classes, data.input_shape, **kwargs)
+
+
+def make_global_evaluate(model: models.Model, data: FederatedData):
+  """Returns ``evaluate(params) -> metrics`` on every client's test split."""
+  evaluator = metrics_lib.make_evaluator(model.apply, data.test.num_clients, data.num_classes)
+  test = metrics_lib.device_eval_data(data.test)
+  return lambda params: evaluator(params, test)
+
+
+def _to_json(v):
+  if isinstance(v, (np.ndarray, jax.Array)):
+    v = np.asarray(v)
+    return v.item() if v.ndim == 0 else v.tolist()
+  if isinstance(v, (np.floating, np.integer)):
+    return v.item()
+  return v
+
+
+def run_experiment(exp: Experiment, config, log: Callable[[str], None], write_row: Callable[[dict], None]) -> dict:
+  """Runs ``config.num_rounds`` rounds of ``exp``; returns the final evaluation."""
+  round_fn = jax.jit(exp.round_fn, donate_argnums=(0,))
+  state = exp.init_state
+  rng = jax.random.key(config.seed + 1)
+  last_eval, t0 = {}, time.time()
+  for r in range(1, config.num_rounds + 1):
+    state, round_metrics = round_fn(state, exp.train, rng)
+    if r % config.eval_every == 0 or r == config.num_rounds:
+      row = {"experiment": exp.name, "round": r, "time_s": round(time.time() - t0, 3)}
+      row.update({k: _to_json(v) for k, v in jax.device_get(round_metrics).items()})
+      last_eval = exp.evaluate(state)
+      row.update(last_eval)
+      write_row(row)
+      extra = f" auc={row['auc']:.3f}" if "auc" in row else ""
+      log(f"[{exp.name}] round {r:4d}/{config.num_rounds} train_loss={row['train_loss']:.4f} "
+          f"acc={row['accuracy']:.3f} mean_client_acc={row['mean_client_accuracy']:.3f} "
+          f"worst_client_acc={row['worst_client_accuracy']:.3f}{extra} ({row['time_s']:.1f}s)")
+  return last_eval
+
+
+def plot_curves(rows: list[dict], path: str, keys=("accuracy", "mean_client_accuracy", "train_loss")) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6))
+  names = sorted({r["experiment"] for r in rows})
+  for ax, key in zip(axes, keys):
+    for name in names:
+      pts = [(r["round"], r[key]) for r in rows if r["experiment"] == name and key in r]
+      if pts:
+        ax.plot(*zip(*pts), label=name, marker="." if len(pts) < 30 else None)
+    ax.set_xlabel("round")
+    ax.set_title(key)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def format_table(summary: dict) -> str:
+  """Returns a plain-text table of the final metrics of each experiment."""
+  cols = ["accuracy", "mean_client_accuracy", "worst_client_accuracy", "loss", "auc"]
+  lines = [f"{'experiment':<28}" + "".join(f"{c:>24}" for c in cols)]
+  for name, m in summary["experiments"].items():
+    lines.append(f"{name:<28}" + "".join(
+        f"{m[c]:>24.4f}" if isinstance(m.get(c), float) else f"{'-':>24}" for c in cols))
+  return "\n".join(lines)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print) -> dict:
+  """Validates ``config``, runs the simulation, writes outputs to ``workdir``; returns the summary."""
+  validate_config(config)
+  data = data_registry.load_data(config.dataset, seed=config.seed)
+  validate_config(config, data)  # the checks that need the data (cohort vs population, ...)
+  model = build_model(config, data)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  experiments = ALGORITHMS[config.algorithm](config, data, model)
+  rows: list[dict] = []
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  with open(metrics_path, "w") as mf:
+
+    def write_row(row):
+      rows.append(row)
+      mf.write(json.dumps(row) + "\n")
+      mf.flush()
+
+    log(f"dataset={data.name} clients={data.num_clients} train_examples={data.train.num_examples} "
+        f"model={config.model.name} algorithm={config.algorithm} rounds={config.num_rounds} "
+        f"devices={jax.device_count()} backend={jax.default_backend()}")
+    t0 = time.time()
+    finals = {exp.name: run_experiment(exp, config, log, write_row) for exp in experiments}
+  summary = {
+      "algorithm": config.algorithm,
+      "dataset": data.name,
+      "num_rounds": config.num_rounds,
+      "seed": config.seed,
+      "wall_time_s": round(time.time() - t0, 2),
+      "experiments": finals,
+  }
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  plot_curves(rows, os.path.join(workdir, "learning_curves.png"))
+  log("\n" + format_table(summary))
+  return summary
+
+
+# Importing the algorithm modules fills ALGORITHMS.
+from fedjax_health.algorithms import registry as _algorithms  # noqa: E402,F401
