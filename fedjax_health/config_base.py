@@ -9,6 +9,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Returns a ConfigDict with every core field set (FedAvg on Fed-Heart-Disease)."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.mode = "train"  # train | modes registered by plugins (e.g. inversion)
   config.algorithm = "fedavg"  # fedavg | fedprox | fedopt | local | pooled (+ registered extensions)
   config.num_rounds = 15
   config.eval_every = 1

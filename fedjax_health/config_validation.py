@@ -35,6 +35,8 @@ def check_core(config, data=None) -> None:
   from fedjax_health import models
   from fedjax_health.data import registry as data_registry
   from fedjax_health.simulation import ALGORITHMS
+  from fedjax_health import plugins
+  plugins.load_plugins()
 
   require(isinstance(config.num_rounds, int) and config.num_rounds >= 1, "num_rounds", ">= 1", config.num_rounds)
   require(config.eval_every >= 1, "eval_every", ">= 1", config.eval_every)

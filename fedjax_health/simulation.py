@@ -23,6 +23,7 @@ import numpy as np
 
 from fedjax_health import metrics as metrics_lib
 from fedjax_health import models
+from fedjax_health import plugins
 from fedjax_health.config_validation import validate_config
 from fedjax_health.data import registry as data_registry
 from fedjax_health.data.federated import BatchPlanSpec, FederatedData, FederatedDataset
@@ -138,7 +139,30 @@ def format_table(summary: dict) -> str:
   return "\n".join(lines)
 
 
+MODES: dict[str, Callable] = {}
+
+
+def register_mode(name: str):
+  """Decorator: registers ``runner(config, workdir, log) -> summary`` for ``config.mode == name``."""
+
+  def deco(fn):
+    MODES[name] = fn
+    return fn
+
+  return deco
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print) -> dict:
+  """Runs ``config`` in its mode (default ``train``); returns the summary dict."""
+  plugins.load_plugins()
+  mode = config.get("mode", "train")
+  if mode not in MODES:
+    raise ValueError(f"config.mode must be one of {sorted(MODES)}, got {mode!r}")
+  return MODES[mode](config, workdir, log)
+
+
+@register_mode("train")
+def run_training(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print) -> dict:
   """Validates ``config``, runs the simulation, writes outputs to ``workdir``; returns the summary."""
   validate_config(config)
   data = data_registry.load_data(config.dataset, seed=config.seed)
@@ -176,6 +200,3 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
   log("\n" + format_table(summary))
   return summary
 
-
-# Importing the algorithm modules fills ALGORITHMS.
-from fedjax_health.algorithms import registry as _algorithms  # noqa: E402,F401

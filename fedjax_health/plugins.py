@@ -1,0 +1,16 @@
+"""Modules that register algorithms, aggregators, modes or config checks when imported.
+
+``simulation`` imports each of these before it looks a name up, so a config string can name
+anything they register. Add your module here (one line) instead of importing it from the core.
+"""
+
+import importlib
+
+PLUGIN_MODULES = [
+    "fedjax_health.algorithms.registry",
+]
+
+
+def load_plugins() -> None:
+  for name in PLUGIN_MODULES:
+    importlib.import_module(name)
