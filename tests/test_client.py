@@ -1,0 +1,135 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fedjax_health import client as client_lib
+from fedjax_health import models
+
+
+def _setup(seed=0, n_clients=6, steps=4, batch=3, dim=5):
+  rng = np.random.default_rng(seed)
+  model = models.get_model("mlp", 3, (dim,), hidden=(4,))
+  params = model.init(jax.random.key(seed))
+  xs = rng.normal(size=(n_clients, steps, batch, dim)).astype(np.float32)
+  ys = rng.integers(0, 3, (n_clients, steps, batch)).astype(np.int32)
+  mask = np.ones((n_clients, steps, batch), bool)
+  mask[1, 2:] = False  # client 1: last two steps padded
+  mask[2, 0, 1:] = False  # client 2: a partial batch
+  mask[3] = False  # client 3: no examples
+  return model, params, xs, ys, mask
+
+
+def _reference_local_sgd(model, params, xs, ys, mask, lr, momentum):
+  """Plain per-step Python loop: momentum SGD, skipping steps with no example."""
+  p = jax.tree.map(np.asarray, params)
+  v = jax.tree.map(np.zeros_like, p)
+  for s in range(xs.shape[0]):
+    if not mask[s].any():
+      continue
+    m = mask[s].astype(np.float32)
+    g = jax.grad(lambda q: jnp.sum(model.example_losses(q, xs[s], ys[s]) * m) / m.sum())(p)
+    v = jax.tree.map(lambda a, b: momentum * a + np.asarray(b), v, g)
+    p = jax.tree.map(lambda a, b: a - lr * b, p, v)
+  return jax.tree.map(lambda a, b: a - b, p, jax.tree.map(np.asarray, params))
+
+
+def _trainer(model, lr=0.1, momentum=0.9):
+  return client_lib.ClientTrainer(client_lib.make_grad_fn(model.example_losses), optax.sgd(lr, momentum=momentum))
+
+
+def test_local_train_matches_python_loop_with_momentum_and_masks():
+  model, params, xs, ys, mask = _setup()
+  trainer = _trainer(model)
+  for c in range(xs.shape[0]):
+    delta, aux = client_lib.local_train(trainer, params, xs[c], ys[c], mask[c], jax.random.key(c))
+    ref = _reference_local_sgd(model, params, xs[c], ys[c], mask[c], 0.1, 0.9)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), delta, ref)
+    assert int(aux["num_steps"]) == int(mask[c].any(axis=1).sum())
+    assert float(aux["num_examples"]) == mask[c].sum()
+
+
+def test_masked_steps_change_nothing():
+  """Appending fully-masked steps (with garbage data) leaves the update identical."""
+  model, params, xs, ys, mask = _setup()
+  trainer = _trainer(model)
+  d1, _ = client_lib.local_train(trainer, params, xs[0], ys[0], mask[0], jax.random.key(0))
+  xs2 = np.concatenate([xs[0], 100 * np.ones_like(xs[0])])
+  ys2 = np.concatenate([ys[0], ys[0]])
+  mask2 = np.concatenate([mask[0], np.zeros_like(mask[0])])
+  d2, _ = client_lib.local_train(trainer, params, xs2, ys2, mask2, jax.random.key(0))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), d1, d2)
+
+
+def test_empty_client_gives_zero_update_not_nan():
+  model, params, xs, ys, mask = _setup()
+  delta, aux = client_lib.local_train(_trainer(model), params, xs[3], ys[3], mask[3], jax.random.key(0))
+  for leaf in jax.tree.leaves(delta):
+    np.testing.assert_array_equal(leaf, 0.0)
+  assert np.isfinite(float(aux["loss"]))
+
+
+def test_prox_regularizer_gradient():
+  reg = client_lib.prox_regularizer(0.5)
+  p = {"w": jnp.array([1.0, 2.0])}
+  a = {"w": jnp.array([0.0, 4.0])}
+  np.testing.assert_allclose(jax.grad(reg)(p, a)["w"], [0.5, -1.0])
+  with pytest.raises(ValueError, match="mu"):
+    client_lib.prox_regularizer(-1.0)
+
+
+def _per_client_reference(model, params, xs, ys, mask):
+  trainer = _trainer(model)
+  outs = [client_lib.local_train(trainer, params, xs[c], ys[c], mask[c], jax.random.key(c))[0]
+          for c in range(xs.shape[0])]
+  return jax.tree.map(lambda *a: np.stack(a), *outs)
+
+
+@pytest.mark.parametrize("width", [1, 2, 4, 6, 100])
+def test_map_clients_every_width_equals_python_reference(width):
+  model, params, xs, ys, mask = _setup()
+  trainer = _trainer(model)
+  keys = jax.random.split(jax.random.key(0), 6)
+  keys = jnp.stack([jax.random.key_data(jax.random.key(c)) for c in range(6)])
+
+  def fn(inp):
+    x, y, m, k = inp
+    return client_lib.local_train(trainer, params, x, y, m, jax.random.wrap_key_data(k))[0]
+
+  got = jax.jit(lambda inp: client_lib.map_clients(fn, inp, width))((xs, ys, mask, keys))
+  ref = _per_client_reference(model, params, xs, ys, mask)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got, ref)
+
+
+@pytest.mark.parametrize("num_devices, width", [(4, 1), (4, 2), (2, 3)])
+def test_shard_map_equals_single_device(num_devices, width):
+  if jax.device_count() < num_devices:
+    pytest.skip("needs forced host devices (tests/conftest.py)")
+  model, params, xs, ys, mask = _setup(n_clients=12)
+  xs, ys, mask = xs[:12], ys[:12], mask[:12]
+  trainer = _trainer(model)
+  keys = jnp.stack([jax.random.key_data(jax.random.key(c)) for c in range(12)])
+  mesh = client_lib.make_client_mesh(num_devices)
+
+  def fn(shared, inp):
+    p = shared
+    x, y, m, k = inp
+    return client_lib.local_train(trainer, p, x, y, m, jax.random.wrap_key_data(k))[0]
+
+  got = jax.jit(lambda p, inp: client_lib.map_clients_sharded(fn, p, inp, width, mesh))(params, (xs, ys, mask, keys))
+  ref = _per_client_reference(model, params, xs, ys, mask)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got, ref)
+
+
+def test_shard_map_rejects_indivisible_cohort():
+  if jax.device_count() < 4:
+    pytest.skip("needs forced host devices")
+  mesh = client_lib.make_client_mesh(4)
+  with pytest.raises(ValueError, match="multiple of the number of devices"):
+    client_lib.map_clients_sharded(lambda s, x: x, 0.0, jnp.zeros((6, 2)), 1, mesh)
+
+
+def test_make_client_mesh_rejects_too_many_devices():
+  with pytest.raises(ValueError, match="num_devices"):
+    client_lib.make_client_mesh(jax.device_count() + 1)
