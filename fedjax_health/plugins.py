@@ -8,6 +8,7 @@ import importlib
 
 PLUGIN_MODULES = [
     "fedjax_health.algorithms.registry",
+    "fedjax_health.privacy.experiment",
 ]
 
 

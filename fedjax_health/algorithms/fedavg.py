@@ -83,7 +83,8 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
            client_opt: optax.GradientTransformation, server_opt: optax.GradientTransformation | None = None,
            aggregator: agg_base.Aggregator | None = None, prox_mu: float = 0.0,
            clients_per_step: int = 1, mesh=None, grad_fn=None, projection=None, data_transform=None,
-           client_ctx_fn: Callable = default_client_ctx, sampling_weights=None) -> FederatedAlgorithm:
+           client_ctx_fn: Callable = default_client_ctx, sampling_weights=None,
+           plan_fn: Callable | None = None) -> FederatedAlgorithm:
   """Returns the FedAvg/FedProx/FedOpt algorithm for ``model``.
 
   Args:
@@ -98,6 +99,8 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     grad_fn, projection, data_transform: client hooks (see ``client.py``).
     client_ctx_fn: ``(cohort, round, rng) -> per-client pytree [cohort, ...]`` passed to hooks and
       to the aggregator as ``ctx["client_ctx"]``.
+    plan_fn: optional ``(rng, sizes[C]) -> (pos, mask)`` replacing ``make_batch_plan(rng, sizes, plan)``
+      (e.g. Poisson-sampled batches for DP-SGD).
   """
   if not 1 <= cohort_size <= num_clients:
     raise ValueError(f"cohort_size must be in [1, num_clients={num_clients}], got {cohort_size}")
@@ -120,7 +123,10 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
   def round_fn(state: ServerState, train: dict, rng: jax.Array):
     k_cohort, k_plan, k_clients, k_ctx, k_agg = jax.random.split(jax.random.fold_in(rng, state.round), 5)
     cohort = sample_cohort(k_cohort, num_clients, cohort_size, sampling_weights)
-    pos, mask = make_batch_plan(k_plan, train["sizes"][cohort], plan)
+    if plan_fn is None:
+      pos, mask = make_batch_plan(k_plan, train["sizes"][cohort], plan)
+    else:
+      pos, mask = plan_fn(k_plan, train["sizes"][cohort])
     ctx = client_ctx_fn(cohort, state.round, k_ctx)
     per_client = (train["offsets"][cohort], pos, mask, jax.random.split(k_clients, cohort_size), ctx)
     shared = (state.params, train["arrays"])
