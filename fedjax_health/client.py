@@ -172,3 +172,59 @@ def map_clients_sharded(fn: Callable, shared: PyTree, xs: PyTree, width: int, me
     return map_clients(lambda x: fn(shared_local, x), xs_local, width)
 
   return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(CLIENTS_AXIS)), out_specs=P(CLIENTS_AXIS))(shared, xs)
+
+
+def map_sum_clients(fn: Callable, xs: PyTree, width: int = 1, axis_name: str | None = None) -> tuple[PyTree, PyTree]:
+  """Returns (sum over clients of ``fn(x)[0]``, stacked ``fn(x)[1]``) without stacking the sums.
+
+  For linear aggregation (FedAvg's weighted mean) this never materialises the ``[cohort, params]``
+  stack: a ``lax.scan`` over chunks of ``width`` clients (each chunk a ``vmap``) carries the running
+  sum, so memory is bounded by the chunk, not the cohort. The cohort is padded to a multiple of
+  ``width`` with copies of client 0 whose contributions are selected away. Inside ``shard_map``
+  pass ``axis_name`` so the running sum starts as a per-device (varying) value.
+  """
+  if width < 1:
+    raise ValueError(f"clients_per_step (map width) must be >= 1, got {width}")
+  cohort = jax.tree.leaves(xs)[0].shape[0]
+  width = min(width, cohort)
+  n_chunks = -(-cohort // width)
+  pad = n_chunks * width - cohort
+  valid = jnp.arange(n_chunks * width) < cohort
+  if pad:
+    xs = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, axis=0)]), xs)
+  chunked = jax.tree.map(lambda a: a.reshape((n_chunks, width) + a.shape[1:]), xs)
+  contrib_shape, _ = jax.eval_shape(fn, jax.tree.map(lambda a: a[0], xs))
+  acc0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), contrib_shape)
+  if axis_name is not None:
+    acc0 = jax.tree.map(lambda a: jax.lax.pcast(a, (axis_name,), to="varying"), acc0)
+
+  def body(acc, inp):
+    x, v = inp
+    contrib, small = jax.vmap(fn)(x)
+    acc = jax.tree.map(lambda a, c: a + jnp.sum(jnp.where(v.reshape((-1,) + (1,) * (c.ndim - 1)), c, 0), axis=0),
+                       acc, contrib)
+    return acc, small
+
+  if n_chunks == 1:
+    acc, small = body(acc0, (jax.tree.map(lambda a: a[0], chunked), valid))
+    small = jax.tree.map(lambda a: a[None], small)
+  else:
+    acc, small = jax.lax.scan(body, acc0, (chunked, valid.reshape(n_chunks, width)))
+  small = jax.tree.map(lambda a: a.reshape((n_chunks * width,) + a.shape[2:])[:cohort], small)
+  return acc, small
+
+
+def map_sum_clients_sharded(fn: Callable, shared: PyTree, xs: PyTree, width: int, mesh: Mesh):
+  """``map_sum_clients`` with the cohort split over ``mesh``'s ``'clients'`` axis (sums psum'd)."""
+  n_dev = mesh.shape[CLIENTS_AXIS]
+  cohort = jax.tree.leaves(xs)[0].shape[0]
+  if cohort % n_dev:
+    raise ValueError(f"cohort_size ({cohort}) must be a multiple of the number of devices ({n_dev})")
+
+  def body(shared_local, xs_local):
+    shared_local = jax.tree.map(lambda a: jax.lax.pcast(a, (CLIENTS_AXIS,), to="varying"), shared_local)
+    acc, small = map_sum_clients(lambda x: fn(shared_local, x), xs_local, width, CLIENTS_AXIS)
+    return jax.lax.psum(acc, CLIENTS_AXIS), small
+
+  return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(CLIENTS_AXIS)),
+                       out_specs=(P(), P(CLIENTS_AXIS)))(shared, xs)

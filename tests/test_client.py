@@ -133,3 +133,24 @@ def test_shard_map_rejects_indivisible_cohort():
 def test_make_client_mesh_rejects_too_many_devices():
   with pytest.raises(ValueError, match="num_devices"):
     client_lib.make_client_mesh(jax.device_count() + 1)
+
+
+@pytest.mark.parametrize("width", [1, 4, 5, 12, 50])
+def test_map_sum_clients_equals_stacked_sum(width):
+  xs = jnp.arange(12 * 3, dtype=jnp.float32).reshape(12, 3)
+  fn = lambda x: ({"s": x * 2.0}, jnp.sum(x))
+  total, small = jax.jit(lambda a: client_lib.map_sum_clients(fn, a, width))(xs)
+  np.testing.assert_allclose(total["s"], 2.0 * xs.sum(0))
+  np.testing.assert_allclose(small, xs.sum(1))
+
+
+def test_map_sum_clients_sharded_psums_across_devices():
+  if jax.device_count() < 4:
+    pytest.skip("needs forced host devices")
+  mesh = client_lib.make_client_mesh(4)
+  xs = jnp.arange(8 * 2, dtype=jnp.float32).reshape(8, 2)
+  w = jnp.array([1.0, -1.0])
+  total, small = jax.jit(lambda a: client_lib.map_sum_clients_sharded(
+      lambda shared, x: (x * shared, jnp.sum(x)), w, a, 3, mesh))(xs)
+  np.testing.assert_allclose(total, (xs * w).sum(0))
+  np.testing.assert_allclose(small, xs.sum(1))

@@ -92,7 +92,9 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
       uniformly or proportionally to ``sampling_weights``).
     plan: local data plan (batch size, epochs or steps) from ``BatchPlanSpec.create``.
     client_opt, server_opt: local optimiser; server optimiser (default SGD lr 1 = FedAvg).
-    aggregator: default ``chain(reject_nonfinite(), weighted_mean())``.
+    aggregator: a stacked-update Aggregator (robust, clustered, DP, ...). Default (None): FedAvg's
+      weighted mean with non-finite updates rejected, computed *streaming* (a running sum over
+      chunks of clients, never the ``[cohort, params]`` stack), so memory is bounded by the chunk.
     prox_mu: FedProx's proximal coefficient (0 = FedAvg).
     clients_per_step: width of the cohort map (1 = scan, cohort = full vmap).
     mesh: optional ``'clients'`` mesh to shard the cohort across devices.
@@ -105,7 +107,9 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
   if not 1 <= cohort_size <= num_clients:
     raise ValueError(f"cohort_size must be in [1, num_clients={num_clients}], got {cohort_size}")
   server_opt = server_opt or optax.sgd(1.0)
-  aggregator = aggregator or agg_base.chain(agg_base.reject_nonfinite(), agg_base.weighted_mean())
+  streaming = aggregator is None
+  if streaming:
+    aggregator = agg_base.Aggregator(lambda params: (), None)
   if grad_fn is None:
     grad_fn = client_lib.make_grad_fn(model.example_losses,
                                       client_lib.prox_regularizer(prox_mu) if prox_mu > 0 else None)
@@ -120,6 +124,25 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     batch = client_lib.gather_client_batches(arrays, offset, pos)
     return client_lib.local_train(trainer, params, batch["x"], batch["y"], mask, key, ctx)
 
+  def contribution_fn(shared, per_client):
+    delta, aux = client_fn(shared, per_client)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(d)) for d in jax.tree.leaves(delta)]))
+    w = jnp.where(finite, aux["num_examples"], 0.0)
+    delta = jax.tree.map(lambda d: jnp.where(finite, d, 0.0), delta)
+    norm = jnp.sqrt(client_lib.tree_sq_norm(delta))
+    aux = dict(aux, num_examples=w)
+    return (jax.tree.map(lambda d: d * w, delta), w), (aux, norm, finite)
+
+  def _streaming_weighted_mean(shared, per_client):
+    if mesh is None:
+      (total, total_w), (aux, norms, finite) = client_lib.map_sum_clients(
+          lambda pc: contribution_fn(shared, pc), per_client, clients_per_step)
+    else:
+      (total, total_w), (aux, norms, finite) = client_lib.map_sum_clients_sharded(
+          contribution_fn, shared, per_client, clients_per_step, mesh)
+    agg = jax.tree.map(lambda t: t / jnp.maximum(total_w, 1e-12), total)
+    return agg, aux, norms, {"rejected": ~finite, "num_nonfinite": jnp.sum(~finite)}
+
   def round_fn(state: ServerState, train: dict, rng: jax.Array):
     k_cohort, k_plan, k_clients, k_ctx, k_agg = jax.random.split(jax.random.fold_in(rng, state.round), 5)
     cohort = sample_cohort(k_cohort, num_clients, cohort_size, sampling_weights)
@@ -130,20 +153,25 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     ctx = client_ctx_fn(cohort, state.round, k_ctx)
     per_client = (train["offsets"][cohort], pos, mask, jax.random.split(k_clients, cohort_size), ctx)
     shared = (state.params, train["arrays"])
-    if mesh is None:
-      updates, aux = client_lib.map_clients(lambda pc: client_fn(shared, pc), per_client, clients_per_step)
+    if streaming:
+      agg, aux, norms, info = _streaming_weighted_mean(shared, per_client)
+      agg_state, weights = state.agg_state, aux["num_examples"]
     else:
-      updates, aux = client_lib.map_clients_sharded(client_fn, shared, per_client, clients_per_step, mesh)
-    weights = aux["num_examples"]
-    agg_ctx = {"params": state.params, "round": state.round, "client_ctx": ctx, "cohort": cohort}
-    agg, agg_state, info = aggregator.apply(updates, weights, state.agg_state, k_agg, agg_ctx)
+      if mesh is None:
+        updates, aux = client_lib.map_clients(lambda pc: client_fn(shared, pc), per_client, clients_per_step)
+      else:
+        updates, aux = client_lib.map_clients_sharded(client_fn, shared, per_client, clients_per_step, mesh)
+      weights = aux["num_examples"]
+      norms = agg_base.client_norms(updates)
+      agg_ctx = {"params": state.params, "round": state.round, "client_ctx": ctx, "cohort": cohort}
+      agg, agg_state, info = aggregator.apply(updates, weights, state.agg_state, k_agg, agg_ctx)
     pseudo_grad = jax.tree.map(jnp.negative, agg)
     server_updates, opt_state = server_opt.update(pseudo_grad, state.opt_state, state.params)
     params = optax.apply_updates(state.params, server_updates)
     metrics = {
         "train_loss": jnp.sum(aux["loss"] * weights) / jnp.maximum(jnp.sum(weights), 1.0),
         "examples_used": jnp.sum(weights),
-        "mean_update_norm": jnp.mean(agg_base.client_norms(updates)),
+        "mean_update_norm": jnp.mean(norms),
         "aggregate_norm": jnp.sqrt(client_lib.tree_sq_norm(agg)),
     }
     metrics.update({k: v for k, v in info.items() if jnp.ndim(v) == 0})

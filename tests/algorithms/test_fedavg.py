@@ -120,3 +120,21 @@ def test_fedavg_rejects_bad_cohort(kw, msg):
 def test_optimizer_factories_validate(fn, args, msg):
   with pytest.raises(ValueError, match=msg):
     fn(*args)
+
+
+@pytest.mark.parametrize("width", [1, 4, 6])
+def test_streaming_mean_equals_stacked_aggregator(width):
+  from fedjax_health.aggregators import base as agg_base
+  ds = _data()
+  model = models.get_model("mlp", 3, (4,), hidden=(5,))
+  plan = BatchPlanSpec.create(ds.client_sizes, 2, num_epochs=1)
+  outs = []
+  for agg in (None, agg_base.chain(agg_base.reject_nonfinite(), agg_base.weighted_mean())):
+    alg = fa.fedavg(model, num_clients=6, cohort_size=5, plan=plan, client_opt=optax.sgd(0.1), aggregator=agg,
+                    clients_per_step=width)
+    state = alg.init(model.init(jax.random.key(0)))
+    state, m = jax.jit(alg.round_fn)(state, fa.device_train_data(ds), jax.random.key(2))
+    outs.append((state.params, m))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), outs[0][0], outs[1][0])
+  for k in ("train_loss", "mean_update_norm", "num_rejected"):
+    np.testing.assert_allclose(outs[0][1][k], outs[1][1][k], rtol=1e-5)

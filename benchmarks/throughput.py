@@ -1,0 +1,149 @@
+"""Throughput of one FedAvg round on workload W1, side by side with baselines, in one process.
+
+W1 (cross-device): 1000 clients x 20 examples, batch 10, 1 local epoch (2 steps), MLP 784-200-10,
+plain SGD, FedAvg aggregation. Timed as the median of rounds after warm-up (compile excluded):
+
+  engine[width=w]  our compiled round, cohort map of width w (1 = lax.map/scan ... 1000 = full vmap)
+  python_loop      a Python loop over clients calling one jitted per-client local_train, then mean
+  centralised      the limit: the same 20,000 examples as 2 SGD steps of batch 10,000, one model
+
+  python -m benchmarks.throughput [--clients 1000] [--widths 1,8,32,128,1000] [--out benchmarks/out]
+
+Writes ``throughput.json`` with round times (ms) and ratios to the centralised limit and to the
+Python loop, and prints the width to use as the default cohort-map width on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_health import client as client_lib
+from fedjax_health import models
+from fedjax_health.algorithms import fedavg as fa
+from fedjax_health.data.federated import BatchPlanSpec, FederatedDataset
+
+
+def w1_dataset(num_clients: int, per_client: int = 20, dim: int = 784, num_classes: int = 10, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  n = num_clients * per_client
+  x = rng.random((n, dim), dtype=np.float32)
+  y = rng.integers(0, num_classes, n).astype(np.int32)
+  return FederatedDataset({"x": x, "y": y}, np.arange(0, n + 1, per_client))
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def bench_engine(model, ds, plan, width, repeats, lr=0.1):
+  alg = fa.fedavg(model, num_clients=ds.num_clients, cohort_size=ds.num_clients, plan=plan,
+                  client_opt=optax.sgd(lr), clients_per_step=width)
+  state = alg.init(model.init(jax.random.key(0)))
+  train = fa.device_train_data(ds)
+  round_fn = jax.jit(alg.round_fn)
+  holder = {"state": state}
+
+  def step():
+    holder["state"], m = round_fn(holder["state"], train, jax.random.key(1))
+    return holder["state"].params
+
+  return median_time(step, repeats)
+
+
+def bench_python_loop(model, ds, plan, repeats, lr=0.1):
+  trainer = client_lib.ClientTrainer(client_lib.make_grad_fn(model.example_losses), optax.sgd(lr))
+  local = jax.jit(lambda p, x, y, m, k: client_lib.local_train(trainer, p, x, y, m, k)[0])
+  params = model.init(jax.random.key(0))
+  b = plan.batch_size
+  per = int(ds.client_sizes[0])
+  xs = jnp.asarray(ds.x).reshape(ds.num_clients, plan.num_steps, b, -1)
+  ys = jnp.asarray(ds.y).reshape(ds.num_clients, plan.num_steps, b)
+  mask = jnp.ones((plan.num_steps, b), bool)
+  assert per == plan.num_steps * b
+  keys = jax.random.split(jax.random.key(0), ds.num_clients)
+  mean_fn = jax.jit(lambda p, acc, n: jax.tree.map(lambda a, d: a + d / n, p, acc))
+
+  def step():
+    acc = jax.tree.map(jnp.zeros_like, params)
+    for c in range(ds.num_clients):
+      d = local(params, xs[c], ys[c], mask, keys[c])
+      acc = jax.tree.map(jnp.add, acc, d)
+    return mean_fn(params, acc, float(ds.num_clients))
+
+  return median_time(step, repeats)
+
+
+def bench_centralised(model, ds, steps: int, repeats: int, lr=0.1):
+  params = model.init(jax.random.key(0))
+  opt = optax.sgd(lr)
+  x = jnp.asarray(ds.x).reshape(steps, -1, ds.x.shape[1])
+  y = jnp.asarray(ds.y).reshape(steps, -1)
+
+  @jax.jit
+  def train(p):
+    def body(carry, xy):
+      p, s = carry
+      g = jax.grad(lambda q: jnp.mean(model.example_losses(q, xy[0], xy[1])))(p)
+      u, s = opt.update(g, s, p)
+      return (optax.apply_updates(p, u), s), None
+    (p, _), _ = jax.lax.scan(body, (p, opt.init(p)), (x, y))
+    return p
+
+  return median_time(lambda: train(params), repeats)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--clients", type=int, default=1000)
+  ap.add_argument("--widths", default="1,8,32,128,1000")
+  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--out", default="benchmarks/out")
+  args = ap.parse_args()
+  ds = w1_dataset(args.clients)
+  model = models.get_model("mlp", 10, (784,), hidden=(200,))
+  plan = BatchPlanSpec.create(ds.client_sizes, 10, num_epochs=1)
+  results = {"workload": f"W1: {args.clients} clients x 20 examples, batch 10, 1 epoch, MLP 784-200-10",
+             "machine": f"{platform.machine()} {os.cpu_count()} cores, backend={jax.default_backend()}",
+             "jax": jax.__version__, "round_ms": {}}
+  t_central = bench_centralised(model, ds, plan.num_steps, args.repeats)
+  results["round_ms"]["centralised"] = 1e3 * t_central
+  print(f"centralised limit: {1e3 * t_central:8.1f} ms", flush=True)
+  t_loop = bench_python_loop(model, ds, plan, max(2, args.repeats // 2))
+  results["round_ms"]["python_loop"] = 1e3 * t_loop
+  print(f"python loop      : {1e3 * t_loop:8.1f} ms", flush=True)
+  for w in [int(v) for v in args.widths.split(",")]:
+    t = bench_engine(model, ds, plan, w, args.repeats)
+    results["round_ms"][f"engine_width_{w}"] = 1e3 * t
+    print(f"engine width {w:5d}: {1e3 * t:8.1f} ms  ({t / t_central:.2f}x limit, {t_loop / t:.2f}x faster than loop)",
+          flush=True)
+  engine = {k: v for k, v in results["round_ms"].items() if k.startswith("engine")}
+  best = min(engine, key=engine.get)
+  results["best"] = best
+  results["ratio_best_to_centralised"] = engine[best] / results["round_ms"]["centralised"]
+  results["speedup_best_vs_python_loop"] = results["round_ms"]["python_loop"] / engine[best]
+  print(f"best: {best} = {results['ratio_best_to_centralised']:.2f}x the centralised limit, "
+        f"{results['speedup_best_vs_python_loop']:.2f}x faster than the Python loop")
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "throughput.json"), "w") as f:
+    json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
