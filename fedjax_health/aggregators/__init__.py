@@ -7,15 +7,24 @@ Other modules (robust, clustered, privacy) add their factories to ``AGGREGATORS`
 from fedjax_health.aggregators.base import (Aggregator, EmptyState, UpdateTransform, chain, client_norms,
                                             flatten_updates, identity, reject_nonfinite, unflatten_like,
                                             uniform_mean, weighted_mean, weighted_sum)
+from fedjax_health.aggregators import robust as _robust
 
 AGGREGATORS = {
     "mean": weighted_mean,
     "uniform_mean": uniform_mean,
+    "krum": _robust.krum,
+    "multi_krum": _robust.multi_krum,
+    "median": _robust.coordinate_median,
+    "trimmed_mean": _robust.trimmed_mean,
+    "geometric_median": _robust.geometric_median,
+    "bulyan": _robust.bulyan,
+    "weak_dp": _robust.weak_dp,
 }
 
 TRANSFORMS = {
     "identity": identity,
     "reject_nonfinite": reject_nonfinite,
+    "norm_bound": _robust.norm_bound,
 }
 
 
