@@ -13,6 +13,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.algorithm = "fedavg"  # fedavg | fedprox | fedopt | local | pooled (+ registered extensions)
   config.num_rounds = 15
   config.eval_every = 1
+  config.checkpoint_every = 0  # rounds between orbax checkpoints in workdir/checkpoints; 0 = off
+  config.resume = True  # resume from workdir's last checkpoint when one exists
   config.cohort_size = 0  # clients per round; 0 = all clients (cross-silo)
   config.clients_per_step = 1  # cohort-map width: 1 = lax.map/scan, cohort = full vmap
   config.num_devices = 0  # > 1: shard the cohort across that many devices ('clients' mesh axis)

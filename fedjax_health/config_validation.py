@@ -40,6 +40,7 @@ def check_core(config, data=None) -> None:
 
   require(isinstance(config.num_rounds, int) and config.num_rounds >= 1, "num_rounds", ">= 1", config.num_rounds)
   require(config.eval_every >= 1, "eval_every", ">= 1", config.eval_every)
+  require(config.checkpoint_every >= 0, "checkpoint_every", ">= 0 (0: off)", config.checkpoint_every)
   _choice(config, "algorithm", ALGORITHMS)
   _choice(config, "dataset.name", data_registry.DATASETS)
   _choice(config, "model.name", models.MODELS)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from typing import Any, Callable
 
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fedjax_health import checkpointing
 from fedjax_health import metrics as metrics_lib
 from fedjax_health import models
 from fedjax_health import plugins
@@ -88,13 +90,23 @@ def _to_json(v):
   return v
 
 
-def run_experiment(exp: Experiment, config, log: Callable[[str], None], write_row: Callable[[dict], None]) -> dict:
-  """Runs ``config.num_rounds`` rounds of ``exp``; returns the final evaluation."""
+def run_experiment(exp: Experiment, config, log: Callable[[str], None], write_row: Callable[[dict], None],
+                   workdir: str | None = None) -> dict:
+  """Runs ``config.num_rounds`` rounds of ``exp`` (resuming from a checkpoint); returns the final evaluation."""
   round_fn = jax.jit(exp.round_fn, donate_argnums=(0,))
-  state = exp.init_state
+  state, start, ckpt = exp.init_state, 0, None
+  if workdir is not None and config.checkpoint_every > 0:
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints", exp.name))
+    last = ckpt.latest_round()
+    if last is not None and config.resume:
+      if last > config.num_rounds:
+        raise checkpointing.CheckpointMismatchError(
+            f"checkpoint of {exp.name} is at round {last} > config.num_rounds={config.num_rounds}")
+      state, start = ckpt.restore(last, state), last
+      log(f"[{exp.name}] resumed from the checkpoint of round {last}")
   rng = jax.random.key(config.seed + 1)
   last_eval, t0 = {}, time.time()
-  for r in range(1, config.num_rounds + 1):
+  for r in range(start + 1, config.num_rounds + 1):
     state, round_metrics = round_fn(state, exp.train, rng)
     if r % config.eval_every == 0 or r == config.num_rounds:
       row = {"experiment": exp.name, "round": r, "time_s": round(time.time() - t0, 3)}
@@ -106,6 +118,14 @@ def run_experiment(exp: Experiment, config, log: Callable[[str], None], write_ro
       log(f"[{exp.name}] round {r:4d}/{config.num_rounds} train_loss={row['train_loss']:.4f} "
           f"acc={row['accuracy']:.3f} mean_client_acc={row['mean_client_accuracy']:.3f} "
           f"worst_client_acc={row['worst_client_accuracy']:.3f}{extra} ({row['time_s']:.1f}s)")
+    if ckpt is not None and (r % config.checkpoint_every == 0 or r == config.num_rounds):
+      ckpt.save(r, state)
+  if not last_eval:  # resumed at the final round: evaluate the restored state
+    last_eval = exp.evaluate(state)
+  if ckpt is not None:
+    ckpt.close()
+  if workdir is not None:
+    checkpointing.save_params_npz(os.path.join(workdir, f"final_params_{exp.name}.npz"), exp.params_of(state))
   return last_eval
 
 
@@ -169,14 +189,28 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, log: Callable[
   validate_config(config, data)  # the checks that need the data (cohort vs population, ...)
   model = build_model(config, data)
   os.makedirs(workdir, exist_ok=True)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  resuming = config.checkpoint_every > 0 and config.resume
+  if config.checkpoint_every > 0:
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not config.resume and os.path.isdir(ckpt_dir):
+      shutil.rmtree(ckpt_dir)  # asked to start over
+    checkpointing.check_or_write_config(ckpt_dir, config)  # refuses a mismatched checkpoint first
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
   experiments = ALGORITHMS[config.algorithm](config, data, model)
+  # On resume, rows already written are kept; rounds recomputed after the last checkpoint are
+  # identical (deterministic rounds), so they are not written twice.
   rows: list[dict] = []
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  with open(metrics_path, "w") as mf:
+  if resuming and os.path.exists(metrics_path):
+    with open(metrics_path) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+  seen = {(r["experiment"], r["round"]) for r in rows}
+  with open(metrics_path, "a" if resuming else "w") as mf:
 
     def write_row(row):
+      if (row["experiment"], row["round"]) in seen:
+        return
       rows.append(row)
       mf.write(json.dumps(row) + "\n")
       mf.flush()
@@ -185,7 +219,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, log: Callable[
         f"model={config.model.name} algorithm={config.algorithm} rounds={config.num_rounds} "
         f"devices={jax.device_count()} backend={jax.default_backend()}")
     t0 = time.time()
-    finals = {exp.name: run_experiment(exp, config, log, write_row) for exp in experiments}
+    finals = {exp.name: run_experiment(exp, config, log, write_row, workdir) for exp in experiments}
   summary = {
       "algorithm": config.algorithm,
       "dataset": data.name,
