@@ -9,6 +9,7 @@ import importlib
 PLUGIN_MODULES = [
     "fedjax_health.algorithms.registry",
     "fedjax_health.privacy.experiment",
+    "fedjax_health.attacks.inversion_run",
 ]
 
 

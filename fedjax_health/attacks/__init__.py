@@ -1,0 +1,1 @@
+"""Attacks on federated learning: data and model poisoning, gradient inversion (privacy)."""

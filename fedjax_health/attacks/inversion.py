@@ -1,0 +1,467 @@
+"""Gradient inversion: DLG, iDLG and Inverting Gradients, batched over victims and restarts.
+
+An honest-but-curious server (or anyone who intercepts an upload) holds the parameters a victim
+started from and the gradient or FedAvg update the victim sent. The attack optimises dummy inputs
+(and labels) until the gradient they would produce matches the observed one:
+
+* DLG, Zhu, Liu & Han, "Deep Leakage from Gradients", NeurIPS 2019: squared L2 gradient distance,
+  dummy inputs and soft labels optimised jointly with L-BFGS.
+* iDLG, Zhao, Mopuri & Bilen, "iDLG: Improved Deep Leakage from Gradients", 2020: for one example
+  the label is read exactly from the last layer's gradient (the only negative entry of the softmax
+  head's bias gradient, or the sign of the one-logit sigmoid head's), then only inputs are matched.
+* Inverting Gradients, Geiping, Bauermeister, Droge & Moeller, NeurIPS 2020: cosine gradient
+  distance + total-variation prior, Adam on signed gradients with step decay, inputs kept in the
+  data range, several restarts keeping the best; and the attack on multi-step FedAvg updates,
+  which unrolls the victim's local optimiser steps inside the objective.
+
+Everything here is a pure function of ``(params, observed, rng)``: ``make_inversion`` returns one
+victim's attack (jit-able), ``invert_victims`` vmaps it over many victims' uploads at once, and
+restarts are vmapped inside. ``dlg``, ``idlg`` and ``inverting_gradients`` are one-shot wrappers
+that validate their inputs on the host first (shape mismatch, non-finite gradient, unsupported
+batch size raise ``ValueError``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_health.client import map_clients
+from fedjax_health.models import Model, per_example_loss
+
+Params = Any
+ApplyFn = Callable[[Params, jax.Array], jax.Array]
+
+DISTANCES = ("l2", "cosine")
+LABEL_MODES = ("soft", "idlg", "given")
+OPTIMIZERS = ("adam", "signed_adam", "lbfgs")
+OBSERVATIONS = ("gradient", "update")
+
+
+@dataclasses.dataclass(frozen=True)
+class InversionSpec:
+  """Static description of an attack on one victim's upload.
+
+  Attributes:
+    batch_size: examples behind the upload (the dummy batch size B).
+    input_shape: shape of one example, e.g. ``(16, 16, 1)`` or ``(13,)``.
+    num_classes: classes of the task (2 for a one-logit sigmoid head).
+    distance: ``l2`` (DLG) or ``cosine`` (Inverting Gradients).
+    labels: ``soft`` (optimised jointly, DLG), ``idlg`` (read from the head bias, B = 1) or
+      ``given`` (passed in: the attacker knows them).
+    optimizer: ``lbfgs`` (DLG), ``adam`` or ``signed_adam`` (Inverting Gradients).
+    num_steps, learning_rate: optimiser iterations and step size (L-BFGS uses a line search).
+    tv_weight: weight of the total-variation prior (images only).
+    num_restarts: independent initialisations; the one with the lowest objective is kept.
+    bounds: data range ``(lo, hi)`` to initialise in and project onto, or None (unbounded, normal init).
+    step_decay: multiply the step size by 0.1 at 3/8, 5/8 and 7/8 of the steps (Geiping et al.).
+    observation: ``gradient`` (one gradient of the batch mean loss) or ``update`` (params after
+      ``local_steps`` optimiser steps minus params before; the victim optimiser is unrolled).
+    local_steps, local_batch_size: the victim's local schedule for ``update``; steps take batches of
+      ``local_batch_size`` in order, cycling (0 = the whole batch each step).
+  """
+
+  batch_size: int
+  input_shape: tuple[int, ...]
+  num_classes: int
+  distance: str = "cosine"
+  labels: str = "idlg"
+  optimizer: str = "signed_adam"
+  num_steps: int = 200
+  learning_rate: float = 0.1
+  tv_weight: float = 0.0
+  num_restarts: int = 1
+  bounds: tuple[float, float] | None = (0.0, 1.0)
+  step_decay: bool = True
+  observation: str = "gradient"
+  local_steps: int = 1
+  local_batch_size: int = 0
+
+  def __post_init__(self):
+    object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
+    if self.bounds is not None:
+      object.__setattr__(self, "bounds", (float(self.bounds[0]), float(self.bounds[1])))
+    checks = [
+        (self.batch_size >= 1, "batch_size", ">= 1"),
+        (len(self.input_shape) >= 1 and all(d >= 1 for d in self.input_shape), "input_shape", "non-empty, positive"),
+        (self.num_classes >= 2, "num_classes", ">= 2"),
+        (self.distance in DISTANCES, "distance", f"one of {DISTANCES}"),
+        (self.labels in LABEL_MODES, "labels", f"one of {LABEL_MODES}"),
+        (self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}"),
+        (self.num_steps >= 1, "num_steps", ">= 1"),
+        (self.learning_rate > 0, "learning_rate", "> 0"),
+        (self.tv_weight >= 0, "tv_weight", ">= 0"),
+        (self.num_restarts >= 1, "num_restarts", ">= 1"),
+        (self.bounds is None or self.bounds[0] < self.bounds[1], "bounds", "None or (lo, hi) with lo < hi"),
+        (self.observation in OBSERVATIONS, "observation", f"one of {OBSERVATIONS}"),
+        (self.local_steps >= 1, "local_steps", ">= 1"),
+        (0 <= self.local_batch_size <= self.batch_size, "local_batch_size", f"in [0, batch_size={self.batch_size}]"),
+    ]
+    for ok, name, allowed in checks:
+      if not ok:
+        raise ValueError(f"InversionSpec.{name} must be {allowed}, got {getattr(self, name)!r}")
+    if self.labels == "idlg" and self.batch_size != 1:
+      raise ValueError(f"InversionSpec.labels='idlg' reads one label from the head bias gradient and supports "
+                       f"batch_size 1 only (Zhao et al. 2020), got batch_size={self.batch_size}; use labels='soft' "
+                       "or 'given' for larger batches")
+    if self.tv_weight > 0 and len(self.input_shape) != 3:
+      raise ValueError(f"InversionSpec.tv_weight > 0 needs image inputs (H, W, C), got input_shape={self.input_shape}")
+    if self.observation == "gradient" and self.local_steps != 1:
+      raise ValueError(f"InversionSpec.local_steps must be 1 when observation='gradient', got {self.local_steps}")
+
+
+class Reconstruction(NamedTuple):
+  """The attack's output for one victim (a leading ``[V]`` axis when batched over victims).
+
+  ``x``: reconstructed inputs ``[B, ...]``; ``labels``: int ``[B]``; ``label_probs``: ``[B, K]``;
+  ``objective``: the best restart's final objective; ``restart_objectives``: ``[R]``.
+  """
+
+  x: jax.Array
+  labels: jax.Array
+  label_probs: jax.Array
+  objective: jax.Array
+  restart_objectives: jax.Array
+
+
+def apply_fn_of(model_or_apply: Model | ApplyFn) -> ApplyFn:
+  return model_or_apply.apply if isinstance(model_or_apply, Model) else model_or_apply
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks (each tested against a NumPy reference).
+
+
+def batch_mean_loss(apply_fn: ApplyFn, params: Params, x: jax.Array, labels: jax.Array) -> jax.Array:
+  """Returns the mean loss of the batch: softmax CE, or sigmoid BCE for one logit; labels int or soft."""
+  return jnp.mean(per_example_loss(apply_fn(params, x), labels))
+
+
+def l2_distance(a: Params, b: Params) -> jax.Array:
+  """Returns ``sum_leaves ||a - b||^2`` (DLG)."""
+  return sum(jnp.sum(jnp.square(x - y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def cosine_distance(a: Params, b: Params, eps: float = 1e-12) -> jax.Array:
+  """Returns ``1 - <a, b> / (|a| |b|)`` over all leaves flattened together (Geiping et al.)."""
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  dot = sum(jnp.sum(x * y) for x, y in zip(la, lb))
+  na = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in la))
+  nb = jnp.sqrt(sum(jnp.sum(jnp.square(y)) for y in lb))
+  return 1.0 - dot / jnp.maximum(na * nb, eps)
+
+
+def total_variation(x: jax.Array) -> jax.Array:
+  """Returns the anisotropic TV of images ``[B, H, W, C]``: mean |dx| + mean |dy|."""
+  return jnp.mean(jnp.abs(x[:, 1:] - x[:, :-1])) + jnp.mean(jnp.abs(x[:, :, 1:] - x[:, :, :-1]))
+
+
+def head_bias(tree: Params) -> jax.Array:
+  """Returns ``tree['head']['bias']``; raises if the model has no biased ``head`` layer."""
+  try:
+    return tree["head"]["bias"]
+  except (KeyError, TypeError):
+    raise ValueError("iDLG reads the label from the gradient of the last layer's bias, tree['head']['bias'], "
+                     "which this model does not have") from None
+
+
+def idlg_label(head_bias_grad: jax.Array) -> jax.Array:
+  """Returns the label of a one-example batch from the gradient of the head bias (iDLG).
+
+  Softmax CE: ``dL/db = softmax(z) - onehot(y)``, negative only at the true class. One-logit
+  sigmoid BCE: ``dL/db = sigmoid(z) - y``, negative iff y = 1. For an SGD update pass its negation
+  (``-update`` has the gradient's sign at every step).
+  """
+  if head_bias_grad.shape[-1] == 1:
+    return (head_bias_grad[..., 0] < 0).astype(jnp.int32)
+  return jnp.argmin(head_bias_grad, axis=-1).astype(jnp.int32)
+
+
+def simulate_upload(apply_fn: ApplyFn, spec: InversionSpec, params: Params, x: jax.Array, labels: jax.Array,
+                    victim_optimizer: optax.GradientTransformation | None = None) -> Params:
+  """Returns what a victim holding ``(x, labels)`` would upload: the gradient or the local update.
+
+  The update unrolls ``spec.local_steps`` steps of ``victim_optimizer`` on batches taken in order
+  (the whole batch each step when ``local_batch_size`` is 0), equal to ``client.local_train`` on
+  full batches.
+  """
+  loss_grad = jax.grad(lambda p, xb, yb: batch_mean_loss(apply_fn, p, xb, yb))
+  if spec.observation == "gradient":
+    return loss_grad(params, x, labels)
+  b = spec.local_batch_size or spec.batch_size
+
+  def step(carry, s):
+    p, opt_state = carry
+    if b == spec.batch_size:
+      xb, yb = x, labels
+    else:
+      idx = (s * b + jnp.arange(b)) % spec.batch_size
+      xb, yb = jnp.take(x, idx, axis=0), jnp.take(labels, idx, axis=0)
+    updates, opt_state = victim_optimizer.update(loss_grad(p, xb, yb), opt_state, p)
+    return (optax.apply_updates(p, updates), opt_state), None
+
+  (p, _), _ = jax.lax.scan(step, (params, victim_optimizer.init(params)), jnp.arange(spec.local_steps))
+  return jax.tree.map(jnp.subtract, p, params)
+
+
+def _attack_optimizer(spec: InversionSpec) -> optax.GradientTransformation:
+  lr = spec.learning_rate
+  if spec.step_decay and spec.optimizer != "lbfgs":
+    n = spec.num_steps
+    lr = optax.piecewise_constant_schedule(lr, {int(n * 3 / 8): 0.1, int(n * 5 / 8): 0.1, int(n * 7 / 8): 0.1})
+  if spec.optimizer == "adam":
+    return optax.adam(lr)
+  if spec.optimizer == "signed_adam":
+    return optax.chain(optax.scale_by_sign(), optax.adam(lr))
+  return optax.lbfgs(memory_size=10)  # zoom line search picks the step (DLG used torch's L-BFGS, lr 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The attack.
+
+
+def make_inversion(model_or_apply: Model | ApplyFn, spec: InversionSpec,
+                   victim_optimizer: optax.GradientTransformation | None = None) -> Callable[..., Reconstruction]:
+  """Returns ``attack(params, observed, rng, labels=None) -> Reconstruction`` for one victim.
+
+  Pure and jit-able; ``labels`` (int ``[B]``) is used when ``spec.labels == 'given'``. For
+  ``spec.observation == 'update'`` the victim's local optimiser (e.g. ``optax.sgd(lr)``, as the
+  simulation's ``client_optimizer``) must be given: the attack replays it.
+  """
+  if spec.observation == "update" and victim_optimizer is None:
+    raise ValueError("victim_optimizer is required when spec.observation='update' (the attack unrolls the "
+                     "victim's local steps, Geiping et al. 2020 sec. 6)")
+  apply_fn = apply_fn_of(model_or_apply)
+  opt = _attack_optimizer(spec)
+  dist = l2_distance if spec.distance == "l2" else cosine_distance
+  shape = (spec.batch_size,) + spec.input_shape
+  k = spec.num_classes
+
+  def attack(params, observed, rng, labels=None):
+    if spec.labels == "idlg":
+      sign = -1.0 if spec.observation == "update" else 1.0
+      fixed = idlg_label(sign * head_bias(observed))[None]
+    elif spec.labels == "given":
+      if labels is None:
+        raise ValueError("spec.labels='given' needs the labels argument")
+      fixed = jnp.asarray(labels, jnp.int32).reshape(spec.batch_size)
+    else:
+      fixed = None
+
+    def objective(z):
+      y = jax.nn.softmax(z["label_logits"]) if fixed is None else fixed
+      sim = simulate_upload(apply_fn, spec, params, z["x"], y, victim_optimizer)
+      value = dist(sim, observed)
+      if spec.tv_weight > 0:
+        value = value + spec.tv_weight * total_variation(z["x"])
+      return value
+
+    def project(z):
+      if spec.bounds is None:
+        return z
+      return dict(z, x=jnp.clip(z["x"], *spec.bounds))
+
+    def one_restart(key):
+      kx, ky = jax.random.split(key)
+      if spec.bounds is None:
+        x0 = jax.random.normal(kx, shape)
+      else:
+        x0 = jax.random.uniform(kx, shape, minval=spec.bounds[0], maxval=spec.bounds[1])
+      z = {"x": x0, "label_logits": jax.random.normal(ky, (spec.batch_size, k)) if fixed is None else jnp.zeros((0,))}
+      state = opt.init(z)
+      if spec.optimizer == "lbfgs":
+        value_and_grad = optax.value_and_grad_from_state(objective)
+
+        def step(carry, _):
+          z, s = carry
+          value, g = value_and_grad(z, state=s)
+          u, s = opt.update(g, s, z, value=value, grad=g, value_fn=objective)
+          return (optax.apply_updates(z, u), s), None
+      else:
+        value_and_grad = jax.value_and_grad(objective)
+
+        def step(carry, _):
+          z, s = carry
+          _, g = value_and_grad(z)
+          u, s = opt.update(g, s, z)
+          return (project(optax.apply_updates(z, u)), s), None
+
+      (z, _), _ = jax.lax.scan(step, (z, state), None, length=spec.num_steps)
+      z = project(z)
+      value = objective(z)
+      return z, jnp.where(jnp.isfinite(value), value, jnp.inf)
+
+    zs, values = jax.vmap(one_restart)(jax.random.split(rng, spec.num_restarts))
+    best = jnp.argmin(values)
+    z = jax.tree.map(lambda a: a[best], zs)
+    if fixed is None:
+      probs = jax.nn.softmax(z["label_logits"])
+      out_labels = jnp.argmax(probs, -1).astype(jnp.int32)
+    else:
+      probs, out_labels = jax.nn.one_hot(fixed, k), fixed
+    return Reconstruction(z["x"], out_labels, probs, values[best], values)
+
+  return attack
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side validation and the public entry points.
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+
+
+def check_observation(params: Params, observed: Params, num_victims: int | None = None, name: str = "observed") -> None:
+  """Raises ValueError if ``observed`` does not match ``params`` (tree, shapes, ``[V]`` axis) or is non-finite."""
+  if jax.tree.structure(params) != jax.tree.structure(observed):
+    p_paths = {_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    o_paths = {_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(observed)[0]}
+    raise ValueError(f"{name} gradient/update does not match the model's parameters: missing "
+                     f"{sorted(p_paths - o_paths)}, unexpected {sorted(o_paths - p_paths)}")
+  lead = () if num_victims is None else (num_victims,)
+  for (path, p), o in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(observed)):
+    want = lead + tuple(np.shape(p))
+    if tuple(np.shape(o)) != want:
+      raise ValueError(f"{name} leaf {_path_str(path)} has shape {tuple(np.shape(o))}, the model needs {want}")
+    bad = int(np.size(o) - np.count_nonzero(np.isfinite(np.asarray(o))))
+    if bad:
+      raise ValueError(f"{name} leaf {_path_str(path)} has {bad} non-finite entries (NaN/inf); gradient "
+                       "inversion needs a finite gradient (was the upload rejected or overflowed?)")
+
+
+def check_model(apply_fn: ApplyFn, params: Params, spec: InversionSpec) -> None:
+  """Raises ValueError if ``spec.input_shape``/``num_classes`` do not fit the model."""
+  try:
+    out = jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct((spec.batch_size,) + spec.input_shape, jnp.float32))
+  except Exception as e:  # flax raises several error types for a mis-shaped input
+    raise ValueError(f"InversionSpec.input_shape={spec.input_shape} does not fit the model: {e}") from None
+  outputs = out.shape[-1]
+  if outputs not in (spec.num_classes, 1) or (outputs == 1 and spec.num_classes != 2):
+    raise ValueError(f"InversionSpec.num_classes={spec.num_classes} does not fit a model with {outputs} outputs")
+  if spec.labels == "idlg":
+    head_bias(params)
+
+
+def _check_labels(labels, spec: InversionSpec, lead: tuple) -> None:
+  if spec.labels != "given":
+    return
+  want = lead + (spec.batch_size,)
+  if labels is None or tuple(np.shape(labels)) != want:
+    raise ValueError(f"labels must have shape {want} when spec.labels='given', got "
+                     f"{None if labels is None else tuple(np.shape(labels))}")
+  labels = np.asarray(labels)
+  if labels.min() < 0 or labels.max() >= spec.num_classes:
+    raise ValueError(f"labels must be in [0, {spec.num_classes}), got range [{labels.min()}, {labels.max()}]")
+
+
+def invert(model_or_apply, params: Params, observed: Params, rng: jax.Array, spec: InversionSpec,
+           labels=None, victim_optimizer=None) -> Reconstruction:
+  """Validates the inputs, then runs the attack on one victim's upload (compiled per call)."""
+  apply_fn = apply_fn_of(model_or_apply)
+  check_model(apply_fn, params, spec)
+  check_observation(params, observed)
+  _check_labels(labels, spec, ())
+  return jax.jit(make_inversion(apply_fn, spec, victim_optimizer))(params, observed, rng, labels)
+
+
+def invert_victims(model_or_apply, params: Params, observed: Params, rng: jax.Array, spec: InversionSpec,
+                   labels=None, victim_optimizer=None, per_victim_params: bool = False, width: int = 0) -> Reconstruction:
+  """Attacks ``V`` victims at once: ``observed`` leaves are ``[V, ...]``; returns a ``[V]``-batched result.
+
+  ``params`` is the shared round model, or ``[V, ...]`` stacked when ``per_victim_params``.
+  ``width`` victims run side by side in one vmap (0 = all; 1 = one after the other inside one
+  compiled program; between = ``lax.map`` over chunks), as the cohort map's ``clients_per_step``.
+  Victim v uses key ``jax.random.split(rng, V)[v]``, so the result equals attacking each alone.
+  """
+  apply_fn = apply_fn_of(model_or_apply)
+  leaves = jax.tree.leaves(observed)
+  if not leaves or np.ndim(leaves[0]) < 1:
+    raise ValueError("observed must be a pytree of [V, ...] stacked uploads")
+  if width < 0:
+    raise ValueError(f"width must be >= 0 (0 = all victims in one vmap), got {width}")
+  v = int(np.shape(leaves[0])[0])
+  one_params = jax.tree.map(lambda a: a[0], params) if per_victim_params else params
+  check_model(apply_fn, one_params, spec)
+  if per_victim_params:
+    check_observation(one_params, params, v, name="per-victim params")
+  check_observation(one_params, observed, v)
+  _check_labels(labels, spec, (v,))
+  attack = make_inversion(apply_fn, spec, victim_optimizer)
+
+  def run(params, observed, keys, labels):
+    def one(xs):
+      p = xs["params"] if per_victim_params else params
+      return attack(p, xs["observed"], xs["key"], xs.get("labels"))
+
+    xs = {"observed": observed, "key": keys}
+    if labels is not None:
+      xs["labels"] = labels
+    if per_victim_params:
+      xs["params"] = params
+    return map_clients(one, xs, width or v)
+
+  return jax.jit(run)(params, observed, jax.random.split(rng, v), labels)
+
+
+def dlg_spec(batch_size: int, input_shape, num_classes: int, **overrides) -> InversionSpec:
+  """Returns DLG's settings (Zhu et al. 2019): L2 distance, soft labels, L-BFGS, no prior, unbounded."""
+  kw = dict(distance="l2", labels="soft", optimizer="lbfgs", num_steps=100, learning_rate=1.0, bounds=None)
+  return InversionSpec(batch_size, tuple(input_shape), num_classes, **{**kw, **overrides})
+
+
+def idlg_spec(input_shape, num_classes: int, **overrides) -> InversionSpec:
+  """Returns iDLG's settings (Zhao et al. 2020): DLG with the label read from the head bias, B = 1."""
+  return dlg_spec(1, input_shape, num_classes, **{"labels": "idlg", **overrides})
+
+
+def inverting_gradients_spec(batch_size: int, input_shape, num_classes: int, **overrides) -> InversionSpec:
+  """Returns Inverting Gradients' settings (Geiping et al. 2020): cosine + TV, signed Adam, restarts.
+
+  Labels come from iDLG for one example and are optimised jointly otherwise.
+  """
+  kw = dict(distance="cosine", labels="idlg" if batch_size == 1 else "soft", optimizer="signed_adam",
+            num_steps=200, learning_rate=0.1, tv_weight=1e-4 if len(tuple(input_shape)) == 3 else 0.0,
+            num_restarts=2, bounds=(0.0, 1.0), step_decay=True)
+  return InversionSpec(batch_size, tuple(input_shape), num_classes, **{**kw, **overrides})
+
+
+def dlg(model_or_apply, params, observed_grad, rng, *, batch_size: int, input_shape, num_classes: int,
+        **overrides) -> Reconstruction:
+  """Returns the DLG reconstruction of the batch behind ``observed_grad`` (Zhu et al. 2019)."""
+  return invert(model_or_apply, params, observed_grad, rng, dlg_spec(batch_size, input_shape, num_classes, **overrides))
+
+
+def idlg(model_or_apply, params, observed_grad, rng, *, input_shape, num_classes: int, **overrides) -> Reconstruction:
+  """Returns the iDLG reconstruction of the single example behind ``observed_grad`` (Zhao et al. 2020)."""
+  return invert(model_or_apply, params, observed_grad, rng, idlg_spec(input_shape, num_classes, **overrides))
+
+
+def inverting_gradients(model_or_apply, params, observed, rng, *, batch_size: int, input_shape, num_classes: int,
+                        victim_optimizer=None, labels=None, **overrides) -> Reconstruction:
+  """Returns the Inverting Gradients reconstruction (Geiping et al. 2020) of a gradient or FedAvg update.
+
+  Pass ``observation='update', local_steps=S, victim_optimizer=optax.sgd(lr)`` to attack an update.
+  """
+  spec = inverting_gradients_spec(batch_size, input_shape, num_classes, **overrides)
+  return invert(model_or_apply, params, observed, rng, spec, labels, victim_optimizer)
+
+
+# ----------------------------------------------------------------------------------------------
+# What secure aggregation leaves visible.
+
+
+def secure_sum(uploads: Params, group_size: int) -> Params:
+  """Returns the sums of consecutive groups of ``group_size`` stacked uploads: what secure aggregation reveals.
+
+  ``[V, ...] -> [V // group_size, ...]``; V must be a multiple of ``group_size``.
+  """
+  v = jax.tree.leaves(uploads)[0].shape[0]
+  if group_size < 1 or v % group_size:
+    raise ValueError(f"group_size must be >= 1 and divide the number of uploads ({v}), got {group_size}")
+  return jax.tree.map(lambda a: a.reshape((v // group_size, group_size) + a.shape[1:]).sum(1), uploads)
