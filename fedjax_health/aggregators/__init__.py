@@ -7,6 +7,7 @@ Other modules (robust, clustered, privacy) add their factories to ``AGGREGATORS`
 from fedjax_health.aggregators.base import (Aggregator, EmptyState, UpdateTransform, chain, client_norms,
                                             flatten_updates, identity, reject_nonfinite, unflatten_like,
                                             uniform_mean, weighted_mean, weighted_sum)
+from fedjax_health.aggregators import detection as _detection
 from fedjax_health.aggregators import robust as _robust
 
 AGGREGATORS = {
@@ -25,6 +26,9 @@ TRANSFORMS = {
     "identity": identity,
     "reject_nonfinite": reject_nonfinite,
     "norm_bound": _robust.norm_bound,
+    "clustering_detection": _detection.clustering_detection,
+    "autoencoder_detection": _detection.autoencoder_detection,
+    "loss_rejection": _detection.loss_rejection,
 }
 
 
