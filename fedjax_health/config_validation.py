@@ -76,14 +76,17 @@ def check_core(config, data=None) -> None:
   import jax
   require(config.num_devices <= jax.device_count(), "num_devices",
           f"<= the {jax.device_count()} devices present", config.num_devices)
+  if jax.process_count() > 1:
+    require(config.checkpoint_every == 0, "checkpoint_every", "0 in a multi-process run (not supported yet)",
+            config.checkpoint_every)
   require(config.cohort_size >= 0, "cohort_size", ">= 0 (0: all clients)", config.cohort_size)
   if data is not None:
     n = data.num_clients
     require(config.cohort_size <= n, "cohort_size", f"<= the number of clients ({n})", config.cohort_size)
     cohort = config.cohort_size or n
-    if config.num_devices > 1:
-      require(cohort % config.num_devices == 0, "cohort_size",
-              f"a multiple of config.num_devices={config.num_devices}", cohort)
+    n_dev = config.num_devices or (jax.device_count() if jax.process_count() > 1 else 1)
+    if n_dev > 1:
+      require(cohort % n_dev == 0, "cohort_size", f"a multiple of the {n_dev} devices it is sharded over", cohort)
 
 
 def validate_config(config, data=None) -> None:

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -23,6 +24,8 @@ import ml_collections
 import numpy as np
 
 from fedjax_health import checkpointing
+from fedjax_health import client as client_lib
+from fedjax_health import distributed
 from fedjax_health import metrics as metrics_lib
 from fedjax_health import models
 from fedjax_health import plugins
@@ -93,8 +96,16 @@ def _to_json(v):
 def run_experiment(exp: Experiment, config, log: Callable[[str], None], write_row: Callable[[dict], None],
                    workdir: str | None = None) -> dict:
   """Runs ``config.num_rounds`` rounds of ``exp`` (resuming from a checkpoint); returns the final evaluation."""
-  round_fn = jax.jit(exp.round_fn, donate_argnums=(0,))
+  # The round key travels as raw key data so that it can be a replicated global array too.
+  round_fn = jax.jit(lambda s, t, k: exp.round_fn(s, t, jax.random.wrap_key_data(k)), donate_argnums=(0,))
   state, start, ckpt = exp.init_state, 0, None
+  train = exp.train
+  rng = jax.random.key_data(jax.random.key(config.seed + 1))
+  local = lambda s: s
+  if distributed.is_multiprocess():
+    mesh = client_lib.make_client_mesh(None)
+    state, train, rng = distributed.replicate((state, train, rng), mesh)
+    local = distributed.to_local
   if workdir is not None and config.checkpoint_every > 0:
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints", exp.name))
     last = ckpt.latest_round()
@@ -104,14 +115,13 @@ def run_experiment(exp: Experiment, config, log: Callable[[str], None], write_ro
             f"checkpoint of {exp.name} is at round {last} > config.num_rounds={config.num_rounds}")
       state, start = ckpt.restore(last, state), last
       log(f"[{exp.name}] resumed from the checkpoint of round {last}")
-  rng = jax.random.key(config.seed + 1)
   last_eval, t0 = {}, time.time()
   for r in range(start + 1, config.num_rounds + 1):
-    state, round_metrics = round_fn(state, exp.train, rng)
+    state, round_metrics = round_fn(state, train, rng)
     if r % config.eval_every == 0 or r == config.num_rounds:
       row = {"experiment": exp.name, "round": r, "time_s": round(time.time() - t0, 3)}
-      row.update({k: _to_json(v) for k, v in jax.device_get(round_metrics).items()})
-      last_eval = exp.evaluate(state)
+      row.update({k: _to_json(v) for k, v in local(round_metrics).items()})
+      last_eval = exp.evaluate(local(state))
       row.update(last_eval)
       write_row(row)
       extra = f" auc={row['auc']:.3f}" if "auc" in row else ""
@@ -121,11 +131,12 @@ def run_experiment(exp: Experiment, config, log: Callable[[str], None], write_ro
     if ckpt is not None and (r % config.checkpoint_every == 0 or r == config.num_rounds):
       ckpt.save(r, state)
   if not last_eval:  # resumed at the final round: evaluate the restored state
-    last_eval = exp.evaluate(state)
+    last_eval = exp.evaluate(local(state))
   if ckpt is not None:
     ckpt.close()
   if workdir is not None:
-    checkpointing.save_params_npz(os.path.join(workdir, f"final_params_{exp.name}.npz"), exp.params_of(state))
+    checkpointing.save_params_npz(os.path.join(workdir, f"final_params_{exp.name}.npz"),
+                                  exp.params_of(local(state)))
   return last_eval
 
 
@@ -188,6 +199,9 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, log: Callable[
   data = data_registry.load_data(config.dataset, seed=config.seed)
   validate_config(config, data)  # the checks that need the data (cohort vs population, ...)
   model = build_model(config, data)
+  if distributed.is_multiprocess() and not distributed.is_chief():
+    # Every process computes the same replicated results; only process 0 writes and logs.
+    workdir, log = tempfile.mkdtemp(prefix=f"fedjax_health_p{jax.process_index()}_"), (lambda s: None)
   os.makedirs(workdir, exist_ok=True)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   resuming = config.checkpoint_every > 0 and config.resume

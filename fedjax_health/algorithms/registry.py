@@ -12,8 +12,16 @@ from __future__ import annotations
 import jax
 
 from fedjax_health import client as client_lib
+from fedjax_health import distributed
 from fedjax_health.algorithms import fedavg as fedavg_lib
 from fedjax_health.simulation import Experiment, build_plan, make_global_evaluate, register_algorithm
+
+
+def _mesh(config):
+  """The 'clients' mesh: config.num_devices devices, or all processes' devices in a multi-process run."""
+  if distributed.is_multiprocess():
+    return client_lib.make_client_mesh(config.num_devices or None)
+  return client_lib.make_client_mesh(config.num_devices) if config.num_devices > 1 else None
 
 
 def build_fedavg_algorithm(config, train_ds, model, **overrides) -> fedavg_lib.FederatedAlgorithm:
@@ -28,7 +36,7 @@ def build_fedavg_algorithm(config, train_ds, model, **overrides) -> fedavg_lib.F
       server_opt=fedavg_lib.server_optimizer(s.optimizer, s.learning_rate, s.b1, s.b2, s.tau, s.momentum),
       prox_mu=c.prox_mu,
       clients_per_step=config.clients_per_step,
-      mesh=client_lib.make_client_mesh(config.num_devices) if config.num_devices > 1 else None,
+      mesh=_mesh(config),
   )
   kwargs.update(overrides)
   return fedavg_lib.fedavg(model, **kwargs)

@@ -1,0 +1,57 @@
+"""Two processes on localhost (jax.distributed, gloo) end with the single-process model."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS = ["--config=configs/heart_disease_fedavg.py:smoke", "--config.num_rounds=3"]
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = ""  # one CPU device per process
+  return env
+
+
+def _params(workdir):
+  with np.load(os.path.join(workdir, "final_params_fedavg.npz")) as f:
+    return {k: f[k] for k in f.files}
+
+
+@pytest.mark.slow
+def test_two_processes_equal_single_process(tmp_path):
+  single = str(tmp_path / "single")
+  out = subprocess.run([sys.executable, "-m", "launch.main", *ARGS, f"--workdir={single}"], cwd=ROOT,
+                       env=_env(), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  multi = str(tmp_path / "multi")
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, "-m", "launch.main", *ARGS, f"--workdir={multi}",
+                             "--num_processes=2", f"--process_id={i}", f"--coordinator_address=localhost:{port}"],
+                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (so, se) in zip(procs, outs):
+    assert p.returncode == 0, se[-3000:]
+  assert "devices=2" in outs[0][0]  # the chief saw both processes' devices
+  a, b = _params(single), _params(multi)
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+def test_bad_process_flags_are_named():
+  out = subprocess.run([sys.executable, "-m", "launch.main", *ARGS, "--workdir=/tmp/unused",
+                        "--num_processes=2", "--process_id=5", "--coordinator_address=localhost:1"],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0 and "--process_id must be in [0, 2)" in out.stderr
