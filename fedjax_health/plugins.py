@@ -10,6 +10,7 @@ PLUGIN_MODULES = [
     "fedjax_health.algorithms.registry",
     "fedjax_health.privacy.experiment",
     "fedjax_health.attacks.inversion_run",
+    "fedjax_health.attacks.attack_defense",
 ]
 
 

@@ -277,10 +277,10 @@ def track_rejections(aggregator: Aggregator, num_clients: int) -> Aggregator:
   if num_clients < 1:
     raise ValueError(f"track_rejections num_clients must be >= 1, got {num_clients}")
 
-  def init(params):
-    z = jnp.zeros(num_clients, jnp.int32)
-    s = jnp.zeros((), jnp.int32)
-    return aggregator.init(params), RejectionStats(z, z, s, s, s, s)
+  def init(params):  # distinct buffers: the round donates its state
+    z = lambda: jnp.zeros(num_clients, jnp.int32)
+    s = lambda: jnp.zeros((), jnp.int32)
+    return aggregator.init(params), RejectionStats(z(), z(), s(), s(), s(), s())
 
   def apply(updates, weights, state, rng, ctx):
     inner, st = state
