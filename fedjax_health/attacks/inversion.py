@@ -328,7 +328,8 @@ def check_observation(params: Params, observed: Params, num_victims: int | None 
   for (path, p), o in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(observed)):
     want = lead + tuple(np.shape(p))
     if tuple(np.shape(o)) != want:
-      raise ValueError(f"{name} leaf {_path_str(path)} has shape {tuple(np.shape(o))}, the model needs {want}")
+      stacked = f" (uploads stacked [V, ...] with V={num_victims})" if lead else ""
+      raise ValueError(f"{name} leaf {_path_str(path)} has shape {tuple(np.shape(o))}, the model needs {want}{stacked}")
     bad = int(np.size(o) - np.count_nonzero(np.isfinite(np.asarray(o))))
     if bad:
       raise ValueError(f"{name} leaf {_path_str(path)} has {bad} non-finite entries (NaN/inf); gradient "
