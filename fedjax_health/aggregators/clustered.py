@@ -170,13 +170,15 @@ class KMeansState(NamedTuple):
   initialized: jax.Array  # bool: False until the first round seeded the centres
 
 
-def multicenter_kmeans(num_clusters: int, distance: str | Distance = "l2", num_iters: int = 5) -> Aggregator:
+def multicenter_kmeans(num_clusters: int, distance: str | Distance = "l2", num_iters: int = 5,
+                       num_restarts: int = 5) -> Aggregator:
   """Returns multi-center FL's server step (Xie et al. 2021): K-means over client weights.
 
   Client i trained the cluster model ``ctx["params"][s_i]`` (``s = ctx["client_ctx"]["cluster"]``)
   into ``W_i = W^(s_i) + update_i``. The server runs ``num_iters`` Lloyd steps on the flattened
-  ``W_i`` weighted by ``p_i`` (examples used), started from the current centres (from K-means++
-  seeds in the first round, when all centres are still equal), and returns for each cluster the
+  ``W_i`` weighted by ``p_i`` (examples used), started from the current centres (in the first
+  round, when all centres are still equal, from the best of ``num_restarts`` K-means++ seedings,
+  as scikit-learn's ``n_init``), and returns for each cluster the
   move of its centre ``W^(k)_new - W^(k)`` (leaves ``[K, ...]``). Info: ``assignment [cohort]``
   (new cluster of every client), ``kmeans_objective`` (eq. 1, at the new centres),
   ``cluster_weight [K]``.
@@ -184,20 +186,27 @@ def multicenter_kmeans(num_clusters: int, distance: str | Distance = "l2", num_i
   check_num_clusters(num_clusters)
   if num_iters < 1:
     raise ValueError(f"num_iters must be >= 1, got {num_iters}")
+  if num_restarts < 1:
+    raise ValueError(f"num_restarts must be >= 1, got {num_restarts}")
   get_distance(distance)
 
   def init(params):
     del params
     return KMeansState(jnp.zeros((), bool))
 
+  def seeded(points, weights, key):
+    seeds = kmeans_plusplus_init(key, points, weights, num_clusters, distance)
+    return kmeans(points, weights, seeds, num_iters, distance)
+
   def apply(updates, weights, state, rng, ctx):
     centers = ctx["params"]
     start = ctx["client_ctx"]["cluster"]
     flat_centers = flatten_updates(centers)  # [K, P]
     client_models = flatten_updates(updates) + jnp.take(flat_centers, start, axis=0)
-    seeds = kmeans_plusplus_init(rng, client_models, weights, num_clusters, distance)
-    init_centers = jnp.where(state.initialized, flat_centers, seeds)
-    assign, new_centers, objective = kmeans(client_models, weights, init_centers, num_iters, distance)
+    warm = kmeans(client_models, weights, flat_centers, num_iters, distance)
+    cold = jax.vmap(lambda k: seeded(client_models, weights, k))(jax.random.split(rng, num_restarts))
+    best = jnp.argmin(cold[2])
+    assign, new_centers, objective = jax.tree.map(lambda w, c: jnp.where(state.initialized, w, c[best]), warm, cold)
     agg = unflatten_like(new_centers - flat_centers, centers)
     info = {"assignment": assign, "kmeans_objective": objective,
             "cluster_weight": jax.ops.segment_sum(weights, assign, num_segments=num_clusters)}

@@ -110,6 +110,7 @@ def test_multicenter_first_round_seeds_with_kmeans_plusplus():
 
 @pytest.mark.parametrize("fn, kw, msg", [(cl.per_cluster_mean, dict(num_clusters=0), "num_clusters"),
                                          (cl.multicenter_kmeans, dict(num_clusters=2, num_iters=0), "num_iters"),
+                                         (cl.multicenter_kmeans, dict(num_clusters=2, num_restarts=0), "num_restarts"),
                                          (cl.multicenter_kmeans, dict(num_clusters=2, distance="l1"), "distance")])
 def test_factories_validate(fn, kw, msg):
   with pytest.raises(ValueError, match=msg):

@@ -1,0 +1,564 @@
+"""Personalised FL: every client ends with its own model, judged on its own test split.
+
+One compiled round serves all methods: sample a cohort, gather the cohort's rows of the
+per-client state (``state.py``), run ``client_update`` over the cohort with ``map_clients``,
+aggregate what clients share, step the server optimiser, scatter the personal rows back.
+
+* FedPer (Arivazhagan et al. 2019): shared representation, personal head. Parameters whose path
+  matches ``personal_layers`` (default ``head``) never leave the client: the server's model and
+  the aggregate hold only the other layers.
+* LG-FedAvg (Liang et al. 2020, "Think locally, act globally"): personal representation
+  (``body``), shared head; the same mechanism with the other pattern.
+* local only: every layer personal (nothing is shared), the no-collaboration reference.
+* APFL (Deng et al. 2020): each client keeps a local model v and a mixing weight alpha; per step
+  w <- w - eta grad f(w), v <- v - eta grad_v f(alpha v + (1 - alpha) w), alpha <- alpha - eta_alpha
+  grad_alpha f(...) projected to [0, 1]; the personal model is alpha v + (1 - alpha) w. With alpha
+  fixed at 0 it is FedAvg, at 1 local training.
+* Ditto (Li et al. 2021): FedAvg for w plus a personal v trained on f(v) + lambda/2 ||v - w_t||^2.
+* Data interpolation (Mansour et al. 2020, "Three approaches for personalization", eq. 2 of the
+  chapter): client k trains on lambda D_k + (1 - lambda) C, C the union of all clients' data, for
+  every lambda of a grid, and keeps the lambda with the lowest loss on a held-out part of its own
+  training data. Training starts from the FedAvg model of the rounds so far (``finetune_epochs``
+  local epochs per lambda); from scratch, a small client's model would get only its own few
+  steps. The C term is an unbiased estimate of the federation's average gradient: in simulation
+  a batch drawn uniformly from all clients' training examples (a real deployment sums the other
+  clients' gradients at the client's model with secure aggregation).
+* Local fine-tuning: FedAvg, then every client fine-tunes the global model on its own data.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import traverse_util
+
+from fedjax_health import client as client_lib
+from fedjax_health import config_validation
+from fedjax_health import metrics as metrics_lib
+from fedjax_health.aggregators import base as agg_base
+from fedjax_health.algorithms import fedavg as fedavg_lib
+from fedjax_health.algorithms import registry as fedavg_registry
+from fedjax_health.algorithms import state as state_lib
+from fedjax_health.data.federated import (BatchPlanSpec, FederatedData, FederatedDataset, make_batch_plan,
+                                          sample_cohort)
+from fedjax_health.models import per_example_loss, positive_score, predict_labels
+from fedjax_health.simulation import Experiment, build_plan, register_algorithm
+
+Params = Any
+PyTree = Any
+ALGORITHM_NAMES = ("fedper", "lg_fedavg", "local_only", "apfl", "ditto", "interpolation", "finetune")
+DEFAULT_PERSONAL_LAYERS = {"fedper": "^head/", "lg_fedavg": "^body", "local_only": ".*"}
+
+
+class PersonalState(NamedTuple):
+  params: Params  # what the server holds: shared layers (FedPer, LG) or the global model (APFL, Ditto)
+  opt_state: Any
+  agg_state: Any
+  clients: PyTree  # per-client state, leaves [num_clients, ...]
+  round: jax.Array
+
+
+def check_unit_interval(value: float, name: str) -> None:
+  """Raises ValueError unless ``0 <= value <= 1`` (mixing weights such as alpha and lambda)."""
+  if not 0.0 <= float(value) <= 1.0:
+    raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Splitting parameters into shared and personal layers.
+
+
+def personal_mask(params: Params, pattern: str) -> dict[str, bool]:
+  """Returns {'layer/.../leaf': is_personal} for ``re.search(pattern, path)``; errors if none match."""
+  flat = traverse_util.flatten_dict(params, sep="/")
+  try:
+    regex = re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"personal_layers {pattern!r} is not a valid regular expression: {e}") from None
+  mask = {path: bool(regex.search(path)) for path in flat}
+  if not any(mask.values()):
+    raise ValueError(f"personal_layers {pattern!r} matches no parameter; parameters are {sorted(flat)}")
+  return mask
+
+
+def split_params(params: Params, mask: dict[str, bool]) -> tuple[Params, Params]:
+  """Returns (shared, personal) sub-dicts of ``params`` by the flat-path ``mask``."""
+  flat = traverse_util.flatten_dict(params, sep="/")
+  shared = {k: v for k, v in flat.items() if not mask[k]}
+  personal = {k: v for k, v in flat.items() if mask[k]}
+  return traverse_util.unflatten_dict(shared, sep="/"), traverse_util.unflatten_dict(personal, sep="/")
+
+
+def merge_params(shared: Params, personal: Params) -> Params:
+  """Returns the full parameter dict from its shared and personal parts."""
+  flat = dict(traverse_util.flatten_dict(shared, sep="/"))
+  flat.update(traverse_util.flatten_dict(personal, sep="/"))
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+# ----------------------------------------------------------------------------------------------
+# The round shared by all personalised methods.
+
+ClientUpdate = Callable[..., tuple[Params, PyTree, dict]]
+
+
+def personalized_round(*, num_clients: int, cohort_size: int, plan, client_update: ClientUpdate,
+                       server_opt: optax.GradientTransformation, aggregator: agg_base.Aggregator | None = None,
+                       clients_per_step: int = 1, client_ctx_fn: Callable = fedavg_lib.default_client_ctx,
+                       sampling_weights=None):
+  """Returns ``(init(shared_params, client_states), round_fn(state, train, rng))``.
+
+  ``client_update(shared, personal, batch, mask, rng, ctx, train) -> (shared_update,
+  new_personal, aux)`` runs on one client (``batch = {"x", "y"}`` of ``[steps, batch, ...]``);
+  ``aux`` needs ``loss`` and ``num_examples``. The PRNG keys are split exactly as in
+  ``fedavg.fedavg``, so a method whose shared part is FedAvg reproduces FedAvg bit for bit.
+  """
+  if not 1 <= cohort_size <= num_clients:
+    raise ValueError(f"cohort_size must be in [1, num_clients={num_clients}], got {cohort_size}")
+  aggregator = aggregator or agg_base.chain(agg_base.reject_nonfinite(), agg_base.weighted_mean())
+
+  def init(shared, clients):
+    if state_lib.num_clients_of(clients) != num_clients:
+      raise ValueError(f"client state has {state_lib.num_clients_of(clients)} rows for {num_clients} clients")
+    return PersonalState(shared, server_opt.init(shared), aggregator.init(shared), clients, jnp.zeros((), jnp.int32))
+
+  def round_fn(state: PersonalState, train: dict, rng: jax.Array):
+    k_cohort, k_plan, k_clients, k_ctx, k_agg = jax.random.split(jax.random.fold_in(rng, state.round), 5)
+    cohort = sample_cohort(k_cohort, num_clients, cohort_size, sampling_weights)
+    pos, mask = make_batch_plan(k_plan, train["sizes"][cohort], plan)
+    ctx = client_ctx_fn(cohort, state.round, k_ctx)
+    personal = state_lib.gather(state.clients, cohort)
+    per_client = (train["offsets"][cohort], pos, mask, jax.random.split(k_clients, cohort_size), ctx, personal)
+
+    def one(pc):
+      offset, pos_c, mask_c, key, ctx_c, pers = pc
+      batch = client_lib.gather_client_batches(train["arrays"], offset, pos_c)
+      return client_update(state.params, pers, batch, mask_c, key, ctx_c, train)
+
+    updates, new_personal, aux = client_lib.map_clients(one, per_client, clients_per_step)
+    weights = aux["num_examples"]
+    agg_ctx = {"params": state.params, "round": state.round, "client_ctx": ctx, "cohort": cohort}
+    agg, agg_state, info = aggregator.apply(updates, weights, state.agg_state, k_agg, agg_ctx)
+    server_updates, opt_state = server_opt.update(jax.tree.map(jnp.negative, agg), state.opt_state, state.params)
+    params = optax.apply_updates(state.params, server_updates)
+    keep = ~info["rejected"] if "rejected" in info else None
+    clients = state_lib.scatter(state.clients, cohort, new_personal, keep)
+    metrics = {"train_loss": jnp.sum(aux["loss"] * weights) / jnp.maximum(jnp.sum(weights), 1.0),
+               "examples_used": jnp.sum(weights)}
+    metrics.update({k: jnp.mean(v) for k, v in aux.items() if k.startswith("mean_")})
+    metrics.update({k: v for k, v in info.items() if jnp.ndim(v) == 0})
+    return PersonalState(params, opt_state, agg_state, clients, state.round + 1), metrics
+
+  return init, round_fn
+
+
+# ----------------------------------------------------------------------------------------------
+# Client updates of each method.
+
+
+def partial_update(model, client_opt, mask: dict[str, bool]) -> ClientUpdate:
+  """FedPer / LG-FedAvg / local only: train shared + personal layers, upload the shared delta."""
+  trainer = client_lib.ClientTrainer(client_lib.make_grad_fn(model.example_losses), client_opt)
+
+  def update(shared, personal, batch, mask_c, key, ctx, train):
+    del train
+    delta, aux = client_lib.local_train(trainer, merge_params(shared, personal), batch["x"], batch["y"],
+                                        mask_c, key, ctx)
+    d_shared, d_personal = split_params(delta, mask)
+    return d_shared, client_lib.tree_add(personal, d_personal), aux
+
+  return update
+
+
+def _masked_loss(example_losses):
+  return lambda p, x, y, m: client_lib.masked_mean(example_losses(p, x, y), m)
+
+
+def apfl_update(model, client_opt, alpha_lr: float, adapt_alpha: bool) -> ClientUpdate:
+  """APFL (Deng et al. 2020, Alg. 1): joint local steps on (w, v, alpha); upload the w delta."""
+  loss = _masked_loss(model.example_losses)
+  w_grad = jax.value_and_grad(loss)
+
+  def mixed_loss(v, a, w, x, y, m):
+    return loss(jax.tree.map(lambda vi, wi: a * vi + (1.0 - a) * wi, v, w), x, y, m)
+
+  p_grad = jax.value_and_grad(mixed_loss, argnums=(0, 1))
+
+  def grad_fn(p, anchor, x, y, m, rng):
+    del anchor, rng
+    _, gw = w_grad(p["w"], x, y, m)
+    lp, (gv, ga) = p_grad(p["v"], p["alpha"], jax.lax.stop_gradient(p["w"]), x, y, m)
+    return {"w": gw, "v": gv, "alpha": ga}, lp
+
+  alpha_opt = optax.sgd(alpha_lr) if adapt_alpha else optax.set_to_zero()
+  opt = optax.multi_transform({"model": client_opt, "alpha": alpha_opt},
+                              lambda p: {"w": "model", "v": "model", "alpha": "alpha"})
+  project = lambda p, anchor, ctx: {**p, "alpha": jnp.clip(p["alpha"], 0.0, 1.0)}
+  trainer = client_lib.ClientTrainer(grad_fn, opt, projection=project)
+
+  def update(shared, personal, batch, mask_c, key, ctx, train):
+    del train
+    joint = {"w": shared, "v": personal["v"], "alpha": personal["alpha"]}
+    delta, aux = client_lib.local_train(trainer, joint, batch["x"], batch["y"], mask_c, key, ctx)
+    new = client_lib.tree_add(joint, delta)
+    aux["mean_alpha"] = new["alpha"]
+    return delta["w"], {"v": new["v"], "alpha": new["alpha"]}, aux
+
+  return update
+
+
+def ditto_update(model, client_opt, lam: float) -> ClientUpdate:
+  """Ditto (Li et al. 2021, Alg. 1): w by FedAvg, v on f(v) + lam/2 ||v - w_t||^2, same batches."""
+  loss = _masked_loss(model.example_losses)
+  vg = jax.value_and_grad(loss)
+
+  def grad_fn(p, anchor, x, y, m, rng):
+    del rng
+    _, gw = vg(p["w"], x, y, m)
+    lv, gv = vg(p["v"], x, y, m)
+    gv = jax.tree.map(lambda g, v, w: g + lam * (v - w), gv, p["v"], anchor["w"])
+    return {"w": gw, "v": gv}, lv
+
+  trainer = client_lib.ClientTrainer(grad_fn, client_opt)
+
+  def update(shared, personal, batch, mask_c, key, ctx, train):
+    del train
+    joint = {"w": shared, "v": personal}
+    delta, aux = client_lib.local_train(trainer, joint, batch["x"], batch["y"], mask_c, key, ctx)
+    return delta["w"], client_lib.tree_add(personal, delta["v"]), aux
+
+  return update
+
+
+def mixture_grad_fn(example_losses, lam, own_batch: int) -> client_lib.GradFn:
+  """Returns the ``grad_fn`` of ``lam * L(own half) + (1 - lam) * L(C half)`` (Mansour et al. eq. 2).
+
+  A batch holds the client's ``own_batch`` examples first, then as many drawn from C.
+  """
+
+  def mixed(q, x, y, m):
+    losses = example_losses(q, x, y)
+    return (lam * client_lib.masked_mean(losses[:own_batch], m[:own_batch])
+            + (1.0 - lam) * client_lib.masked_mean(losses[own_batch:], m[own_batch:]))
+
+  vg = jax.value_and_grad(mixed)
+
+  def grad_fn(q, anchor, x, y, m, rng):
+    del anchor, rng
+    value, grads = vg(q, x, y, m)
+    return grads, value
+
+  return grad_fn
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-client evaluation: each client's own model on its own examples.
+
+
+def padded_client_index(ds: FederatedDataset) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (rows ``[C, M]`` into the flat arrays, valid ``[C, M]``), M the largest client."""
+  sizes = ds.client_sizes
+  m = max(int(sizes.max(initial=0)), 1)
+  j = np.arange(m)[None, :]
+  valid = j < sizes[:, None]
+  rows = np.where(valid, ds.offsets[:-1, None] + j, 0)
+  return rows.astype(np.int32), valid
+
+
+def make_client_logits(model, ds: FederatedDataset, width: int = 1):
+  """Returns ``logits(stacked_params [C, ...]) -> [N, out]``: client c's model on its own rows.
+
+  The data travel as arguments of the compiled function (not as baked-in constants).
+  """
+  rows, _ = padded_client_index(ds)
+  client = ds.client_of_example()
+  within = np.arange(ds.num_examples) - ds.offsets[client]
+  arrays = {"x": jnp.asarray(ds.x), "rows": jnp.asarray(rows), "client": jnp.asarray(client),
+            "within": jnp.asarray(within)}
+
+  @jax.jit
+  def logits_fn(stacked, a):
+    out = client_lib.map_clients(lambda pr: model.apply(pr[0], jnp.take(a["x"], pr[1], axis=0)),
+                                 (stacked, a["rows"]), width)
+    return out[a["client"], a["within"]]
+
+  return lambda stacked: logits_fn(stacked, arrays)
+
+
+def example_outputs(logits: jax.Array, y: jax.Array) -> dict:
+  """Returns the per-example ``loss``, ``correct``, ``score`` that ``metrics.summarize`` reads."""
+  return {"loss": per_example_loss(logits, y),
+          "correct": (predict_labels(logits) == y).astype(jnp.float32),
+          "score": positive_score(logits) if logits.shape[-1] <= 2 else jnp.zeros(logits.shape[0])}
+
+
+def make_personal_evaluate(model, data: FederatedData, width: int = 1):
+  """Returns ``evaluate(stacked_params [num_clients, ...]) -> metrics`` on each client's test split.
+
+  Metrics as ``metrics.summarize``: ``accuracy`` pools every client's own-model predictions;
+  ``mean_client_accuracy``, ``worst_client_accuracy``, ``worst10_client_accuracy``, ``loss``, ...
+  """
+  logits_fn = make_client_logits(model, data.test, width)
+  test = metrics_lib.device_eval_data(data.test)
+  y = test["y"]
+
+  def evaluate(stacked):
+    return metrics_lib.summarize(example_outputs(logits_fn(stacked), y), test, data.test.num_clients,
+                                 data.num_classes)
+
+  return evaluate
+
+
+def split_validation(ds: FederatedDataset, fraction: float, seed: int = 0) -> tuple[FederatedDataset, FederatedDataset]:
+  """Returns (fit, val): each client keeps a random ``fraction`` of its rows (>= 1 if it has 2+) for val."""
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+  rng = np.random.default_rng(seed)
+  fit_rows, val_rows, fit_sizes, val_sizes = [], [], [], []
+  for c, n in enumerate(ds.client_sizes):  # host-side data preparation, once
+    perm = ds.offsets[c] + rng.permutation(n)
+    n_val = int(min(max(1, round(fraction * n)), n - 1)) if n >= 2 else 0
+    val_rows.append(perm[:n_val])
+    fit_rows.append(perm[n_val:])
+    fit_sizes.append(n - n_val)
+    val_sizes.append(n_val)
+  make = lambda rows, sizes: FederatedDataset({k: v[np.concatenate(rows).astype(np.int64)] for k, v in ds.arrays.items()},
+                                              np.concatenate([[0], np.cumsum(sizes)]), ds.client_ids)
+  return make(fit_rows, fit_sizes), make(val_rows, val_sizes)
+
+
+def make_validation_choice(model, val: FederatedDataset, num_choices: int, width: int = 1):
+  """Returns ``choose(params [C, G, ...]) -> [C]``: per client, the choice of lowest val loss.
+
+  Clients without validation rows take choice 0.
+  """
+  logits_fn = make_client_logits(model, val, width)
+  y = jnp.asarray(val.y)
+  client = jnp.asarray(val.client_of_example())
+  n = val.num_clients
+  loss_sums = jax.jit(lambda logits, y, client: jax.ops.segment_sum(per_example_loss(logits, y), client, num_segments=n))
+
+  def choose(stacked):
+    losses = [loss_sums(logits_fn(jax.tree.map(lambda p: p[:, g], stacked)), y, client) for g in range(num_choices)]
+    return jnp.argmin(jnp.stack(losses, axis=1), axis=1)
+
+  return choose
+
+
+# ----------------------------------------------------------------------------------------------
+# Config sections, checks and builders.
+
+
+def add_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds ``config.personalization`` with its defaults; returns ``config``."""
+  config.personalization = ml_collections.ConfigDict(dict(
+      personal_layers="",  # regex on 'layer/param' paths; "" = method default (fedper: head, lg_fedavg: body)
+      apfl_alpha=0.25,  # initial (or fixed) mixing weight of the local model
+      apfl_adapt_alpha=True,  # learn alpha per client (Deng et al.); False keeps it fixed
+      apfl_alpha_lr=0.01,
+      ditto_lambda=0.1,  # proximal strength pulling the personal model to the global one
+      interpolation_lambdas=(0.0, 0.25, 0.5, 0.75, 1.0),  # weight of the client's own data; picked per client
+      val_fraction=0.2,  # interpolation: share of each client's train split held out to pick lambda
+      finetune_epochs=1,  # finetune, interpolation: local epochs from the global model before evaluation
+  ))
+  return config
+
+
+@config_validation.register_check
+def check_config(config, data=None) -> None:
+  """Validates ``config.personalization`` for the personalised algorithms."""
+  if config.algorithm not in ALGORITHM_NAMES:
+    return
+  require = config_validation.require
+  require("personalization" in config, "personalization", "a section (personalized.add_config)", None)
+  p = config.personalization
+  require(0.0 <= p.apfl_alpha <= 1.0, "personalization.apfl_alpha", "in [0, 1]", p.apfl_alpha)
+  require(p.apfl_alpha_lr > 0, "personalization.apfl_alpha_lr", "> 0", p.apfl_alpha_lr)
+  require(p.ditto_lambda >= 0, "personalization.ditto_lambda", ">= 0", p.ditto_lambda)
+  lams = tuple(p.interpolation_lambdas)
+  require(len(lams) >= 1 and all(0.0 <= l <= 1.0 for l in lams), "personalization.interpolation_lambdas",
+          "a non-empty list of values in [0, 1]", lams)
+  require(0.0 < p.val_fraction < 1.0, "personalization.val_fraction", "in (0, 1)", p.val_fraction)
+  require(p.finetune_epochs >= 1, "personalization.finetune_epochs", ">= 1", p.finetune_epochs)
+  require(config.num_devices <= 1, "num_devices", f"<= 1 for {config.algorithm} (no sharded cohort map)",
+          config.num_devices)
+  try:
+    re.compile(p.personal_layers)
+  except re.error as e:
+    raise ValueError(f"config.personalization.personal_layers must be a regular expression, got "
+                     f"{p.personal_layers!r} ({e})") from None
+
+
+def _common(config, train_ds: FederatedDataset):
+  s = config.server
+  n = train_ds.num_clients
+  return dict(num_clients=n, cohort_size=min(config.cohort_size or n, n), plan=build_plan(config, train_ds.client_sizes),
+              server_opt=fedavg_lib.server_optimizer(s.optimizer, s.learning_rate, s.b1, s.b2, s.tau, s.momentum),
+              clients_per_step=config.clients_per_step)
+
+
+def _client_opt(config):
+  c = config.client
+  return fedavg_lib.client_optimizer(c.optimizer, c.learning_rate, c.momentum)
+
+
+def build_partial(config, data: FederatedData, model, pattern: str, name: str) -> Experiment:
+  """Returns the FedPer / LG-FedAvg / local-only experiment with ``pattern`` personal."""
+  params = model.init(jax.random.key(config.seed))
+  mask = personal_mask(params, pattern)
+  shared, personal = split_params(params, mask)
+  kw = _common(config, data.train)
+  init, round_fn = personalized_round(client_update=partial_update(model, _client_opt(config), mask), **kw)
+  state = init(shared, state_lib.broadcast_to_clients(personal, data.num_clients))
+  evaluate = make_personal_evaluate(model, data, config.clients_per_step)
+  full = lambda st: jax.vmap(lambda pers: merge_params(st.params, pers))(st.clients)
+  return Experiment(name, state, round_fn, fedavg_lib.device_train_data(data.train), lambda st: evaluate(full(st)))
+
+
+def build_apfl_experiment(config, data: FederatedData, model, alpha: float, adapt_alpha: bool,
+                          alpha_lr: float = 0.01, name: str = "apfl") -> Experiment:
+  """Returns APFL with initial mixing ``alpha`` (learned per client unless ``adapt_alpha`` is False)."""
+  check_unit_interval(alpha, "APFL alpha")
+  if alpha_lr <= 0:
+    raise ValueError(f"APFL alpha_lr must be > 0, got {alpha_lr}")
+  params = model.init(jax.random.key(config.seed))
+  kw = _common(config, data.train)
+  update = apfl_update(model, _client_opt(config), alpha_lr, adapt_alpha)
+  init, round_fn = personalized_round(client_update=update, **kw)
+  personal = {"v": params, "alpha": jnp.asarray(alpha, jnp.float32)}
+  state = init(params, state_lib.broadcast_to_clients(personal, data.num_clients))
+  evaluate = make_personal_evaluate(model, data, config.clients_per_step)
+
+  def mixed(st):
+    a, v = st.clients["alpha"], st.clients["v"]
+    return jax.tree.map(lambda vi, w: a.reshape((-1,) + (1,) * (vi.ndim - 1)) * vi + (1 - a.reshape(
+        (-1,) + (1,) * (vi.ndim - 1))) * w[None], v, st.params)
+
+  def ev(st):
+    out = evaluate(mixed(st))
+    out["mean_alpha"] = float(jnp.mean(st.clients["alpha"]))
+    return out
+
+  return Experiment(name, state, round_fn, fedavg_lib.device_train_data(data.train), ev)
+
+
+@register_algorithm("fedper")
+@register_algorithm("lg_fedavg")
+@register_algorithm("local_only")
+def build_partial_from_config(config, data, model):
+  pattern = config.personalization.personal_layers or DEFAULT_PERSONAL_LAYERS[config.algorithm]
+  return [build_partial(config, data, model, pattern, config.algorithm)]
+
+
+@register_algorithm("apfl")
+def build_apfl(config, data, model):
+  p = config.personalization
+  return [build_apfl_experiment(config, data, model, p.apfl_alpha, p.apfl_adapt_alpha, p.apfl_alpha_lr)]
+
+
+@register_algorithm("ditto")
+def build_ditto(config, data, model):
+  lam = config.personalization.ditto_lambda
+  if lam < 0:
+    raise ValueError(f"ditto lambda must be >= 0, got {lam}")
+  params = model.init(jax.random.key(config.seed))
+  init, round_fn = personalized_round(client_update=ditto_update(model, _client_opt(config), lam),
+                                      **_common(config, data.train))
+  state = init(params, state_lib.broadcast_to_clients(params, data.num_clients))
+  evaluate = make_personal_evaluate(model, data, config.clients_per_step)
+  return [Experiment("ditto", state, round_fn, fedavg_lib.device_train_data(data.train),
+                     lambda st: evaluate(st.clients))]
+
+
+@register_algorithm("interpolation")
+def build_interpolation(config, data, model):
+  p = config.personalization
+  lambdas = tuple(float(l) for l in p.interpolation_lambdas)
+  for lam in lambdas:
+    check_unit_interval(lam, "interpolation lambda")
+  fit, val = split_validation(data.train, p.val_fraction, seed=config.seed)
+  alg = fedavg_registry.build_fedavg_algorithm(config, fit, model)
+  state = alg.init(model.init(jax.random.key(config.seed)))
+  grid_fn = make_finetune(model, fit, _client_opt(config), config.client.batch_size, p.finetune_epochs,
+                          config.clients_per_step, lambdas)
+  evaluate = make_personal_evaluate(model, data, config.clients_per_step)
+  choose = make_validation_choice(model, val, len(lambdas), config.clients_per_step)
+  lam_arr = np.asarray(lambdas)
+  key = jax.random.key(config.seed + 2)
+
+  def ev(st):
+    grid = grid_fn(st.params, jax.random.fold_in(key, st.round))
+    pick = choose(grid)
+    chosen = jax.tree.map(lambda g: jnp.take_along_axis(g, pick.reshape((-1, 1) + (1,) * (g.ndim - 2)), axis=1)[:, 0],
+                          grid)
+    out = evaluate(chosen)
+    out["mean_lambda"] = float(np.mean(lam_arr[np.asarray(pick)]))
+    return out
+
+  return [Experiment("interpolation", state, alg.round_fn, fedavg_lib.device_train_data(fit), ev)]
+
+
+def make_finetune(model, train_ds: FederatedDataset, client_opt, batch_size: int, epochs: int, width: int = 1,
+                  lambdas=None):
+  """Returns ``finetune(global_params, rng)``: every client's copy of the global model trained locally.
+
+  Each client runs ``epochs`` local epochs from ``global_params``. Without ``lambdas`` it trains on
+  its own data (local fine-tuning) and the result has leaves ``[num_clients, ...]``. With
+  ``lambdas`` (data interpolation, Mansour et al. 2020) it trains one copy per lambda on
+  ``lambda * D_k + (1 - lambda) * C``: every step pairs the client's batch with a batch drawn
+  uniformly from all clients' training examples (C); leaves ``[num_clients, len(lambdas), ...]``.
+  """
+  plan = BatchPlanSpec.create(train_ds.client_sizes, batch_size, num_epochs=epochs)
+  plain = client_lib.ClientTrainer(client_lib.make_grad_fn(model.example_losses), client_opt)
+  train = fedavg_lib.device_train_data(train_ds)
+  n = train_ds.num_clients
+  grid = None if lambdas is None else jnp.asarray(lambdas, jnp.float32)
+
+  @jax.jit
+  def finetune_fn(params, rng, train):
+    k_plan, k_train, k_pool = jax.random.split(rng, 3)
+    pos, mask = make_batch_plan(k_plan, train["sizes"], plan)
+    n_total = train["arrays"]["y"].shape[0]
+
+    def one(a):
+      offset, pos_c, mask_c, key, kp = a
+      batch = client_lib.gather_client_batches(train["arrays"], offset, pos_c)
+      if grid is None:
+        delta, _ = client_lib.local_train(plain, params, batch["x"], batch["y"], mask_c, key)
+        return client_lib.tree_add(params, delta)
+      pool = jax.random.randint(kp, mask_c.shape, 0, n_total)
+      x = jnp.concatenate([batch["x"], jnp.take(train["arrays"]["x"], pool, axis=0)], axis=1)
+      y = jnp.concatenate([batch["y"], jnp.take(train["arrays"]["y"], pool, axis=0)], axis=1)
+      live = jnp.broadcast_to(jnp.any(mask_c, axis=1, keepdims=True), mask_c.shape)  # C is live on live steps
+      m = jnp.concatenate([mask_c, live], axis=1)
+
+      def per_lambda(lam):
+        trainer = client_lib.ClientTrainer(mixture_grad_fn(model.example_losses, lam, mask_c.shape[1]), client_opt)
+        delta, _ = client_lib.local_train(trainer, params, x, y, m, key)
+        return client_lib.tree_add(params, delta)
+
+      return jax.lax.map(per_lambda, grid)
+
+    keys = (train["offsets"][:-1], pos, mask, jax.random.split(k_train, n), jax.random.split(k_pool, n))
+    return client_lib.map_clients(one, keys, width)
+
+  return lambda params, rng: finetune_fn(params, rng, train)
+
+
+@register_algorithm("finetune")
+def build_finetune(config, data, model):
+  p = config.personalization
+  alg = fedavg_registry.build_fedavg_algorithm(config, data.train, model)
+  state = alg.init(model.init(jax.random.key(config.seed)))
+  finetune = make_finetune(model, data.train, _client_opt(config), config.client.batch_size, p.finetune_epochs,
+                           config.clients_per_step)
+  evaluate = make_personal_evaluate(model, data, config.clients_per_step)
+  key = jax.random.key(config.seed + 2)
+  return [Experiment("finetune", state, alg.round_fn, fedavg_lib.device_train_data(data.train),
+                     lambda st: evaluate(finetune(st.params, jax.random.fold_in(key, st.round))))]
