@@ -24,6 +24,7 @@ batch size raise ``ValueError``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -209,7 +210,8 @@ def simulate_upload(apply_fn: ApplyFn, spec: InversionSpec, params: Params, x: j
   return jax.tree.map(jnp.subtract, p, params)
 
 
-def _attack_optimizer(spec: InversionSpec) -> optax.GradientTransformation:
+def attack_optimizer(spec: InversionSpec) -> optax.GradientTransformation:
+  """Returns the optimiser of the dummy data: Adam, signed Adam (with Geiping's step decay) or L-BFGS."""
   lr = spec.learning_rate
   if spec.step_decay and spec.optimizer != "lbfgs":
     n = spec.num_steps
@@ -219,6 +221,49 @@ def _attack_optimizer(spec: InversionSpec) -> optax.GradientTransformation:
   if spec.optimizer == "signed_adam":
     return optax.chain(optax.scale_by_sign(), optax.adam(lr))
   return optax.lbfgs(memory_size=10)  # zoom line search picks the step (DLG used torch's L-BFGS, lr 1)
+
+
+def inversion_objective(apply_fn: ApplyFn, spec: InversionSpec, params: Params, observed: Params, z: dict,
+                        fixed_labels: jax.Array | None, victim_optimizer=None) -> jax.Array:
+  """Returns the attack's loss of dummy data ``z = {'x', 'label_logits'}``: distance (+ TV prior).
+
+  Soft labels ``softmax(z['label_logits'])`` are used when ``fixed_labels`` is None.
+  """
+  y = jax.nn.softmax(z["label_logits"]) if fixed_labels is None else fixed_labels
+  sim = simulate_upload(apply_fn, spec, params, z["x"], y, victim_optimizer)
+  value = (l2_distance if spec.distance == "l2" else cosine_distance)(sim, observed)
+  if spec.tv_weight > 0:
+    value = value + spec.tv_weight * total_variation(z["x"])
+  return value
+
+
+def initial_dummy(spec: InversionSpec, rng: jax.Array, soft_labels: bool) -> dict:
+  """Returns random dummy data: uniform in ``bounds`` (normal if unbounded), normal label logits."""
+  kx, ky = jax.random.split(rng)
+  shape = (spec.batch_size,) + spec.input_shape
+  if spec.bounds is None:
+    x0 = jax.random.normal(kx, shape)
+  else:
+    x0 = jax.random.uniform(kx, shape, minval=spec.bounds[0], maxval=spec.bounds[1])
+  logits = jax.random.normal(ky, (spec.batch_size, spec.num_classes)) if soft_labels else jnp.zeros((0,))
+  return {"x": x0, "label_logits": logits}
+
+
+def fixed_labels(spec: InversionSpec, observed: Params, labels=None) -> jax.Array | None:
+  """Returns the labels the attack holds fixed (iDLG's or the given ones), or None for soft labels."""
+  if spec.labels == "idlg":
+    sign = -1.0 if spec.observation == "update" else 1.0  # an SGD update has the gradient's opposite sign
+    return idlg_label(sign * head_bias(observed))[None]
+  if spec.labels == "given":
+    if labels is None:
+      raise ValueError("spec.labels='given' needs the labels argument")
+    return jnp.asarray(labels, jnp.int32).reshape(spec.batch_size)
+  return None
+
+
+def project_dummy(spec: InversionSpec, z: dict) -> dict:
+  """Returns ``z`` with inputs clipped to ``spec.bounds`` (unchanged if None)."""
+  return z if spec.bounds is None else dict(z, x=jnp.clip(z["x"], *spec.bounds))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,42 +282,19 @@ def make_inversion(model_or_apply: Model | ApplyFn, spec: InversionSpec,
     raise ValueError("victim_optimizer is required when spec.observation='update' (the attack unrolls the "
                      "victim's local steps, Geiping et al. 2020 sec. 6)")
   apply_fn = apply_fn_of(model_or_apply)
-  opt = _attack_optimizer(spec)
-  dist = l2_distance if spec.distance == "l2" else cosine_distance
-  shape = (spec.batch_size,) + spec.input_shape
+  opt = attack_optimizer(spec)
   k = spec.num_classes
 
   def attack(params, observed, rng, labels=None):
-    if spec.labels == "idlg":
-      sign = -1.0 if spec.observation == "update" else 1.0
-      fixed = idlg_label(sign * head_bias(observed))[None]
-    elif spec.labels == "given":
-      if labels is None:
-        raise ValueError("spec.labels='given' needs the labels argument")
-      fixed = jnp.asarray(labels, jnp.int32).reshape(spec.batch_size)
-    else:
-      fixed = None
+    fixed = fixed_labels(spec, observed, labels)
 
     def objective(z):
-      y = jax.nn.softmax(z["label_logits"]) if fixed is None else fixed
-      sim = simulate_upload(apply_fn, spec, params, z["x"], y, victim_optimizer)
-      value = dist(sim, observed)
-      if spec.tv_weight > 0:
-        value = value + spec.tv_weight * total_variation(z["x"])
-      return value
+      return inversion_objective(apply_fn, spec, params, observed, z, fixed, victim_optimizer)
 
-    def project(z):
-      if spec.bounds is None:
-        return z
-      return dict(z, x=jnp.clip(z["x"], *spec.bounds))
+    project = functools.partial(project_dummy, spec)
 
     def one_restart(key):
-      kx, ky = jax.random.split(key)
-      if spec.bounds is None:
-        x0 = jax.random.normal(kx, shape)
-      else:
-        x0 = jax.random.uniform(kx, shape, minval=spec.bounds[0], maxval=spec.bounds[1])
-      z = {"x": x0, "label_logits": jax.random.normal(ky, (spec.batch_size, k)) if fixed is None else jnp.zeros((0,))}
+      z = initial_dummy(spec, key, fixed is None)
       state = opt.init(z)
       if spec.optimizer == "lbfgs":
         value_and_grad = optax.value_and_grad_from_state(objective)
@@ -371,21 +393,48 @@ def invert(model_or_apply, params: Params, observed: Params, rng: jax.Array, spe
   return jax.jit(make_inversion(apply_fn, spec, victim_optimizer))(params, observed, rng, labels)
 
 
-def invert_victims(model_or_apply, params: Params, observed: Params, rng: jax.Array, spec: InversionSpec,
-                   labels=None, victim_optimizer=None, per_victim_params: bool = False, width: int = 0) -> Reconstruction:
-  """Attacks ``V`` victims at once: ``observed`` leaves are ``[V, ...]``; returns a ``[V]``-batched result.
+def batched_inversion(model_or_apply, spec: InversionSpec, victim_optimizer=None, width: int = 0,
+                      per_victim_params: bool = False) -> Callable[..., Reconstruction]:
+  """Returns the compiled ``attack(params, observed [V, ...], rng, labels=None)`` over V victims.
 
-  ``params`` is the shared round model, or ``[V, ...]`` stacked when ``per_victim_params``.
+  Build it once and call it for every round: it does no input checks (``invert_victims`` does).
   ``width`` victims run side by side in one vmap (0 = all; 1 = one after the other inside one
   compiled program; between = ``lax.map`` over chunks), as the cohort map's ``clients_per_step``.
   Victim v uses key ``jax.random.split(rng, V)[v]``, so the result equals attacking each alone.
+  """
+  if width < 0:
+    raise ValueError(f"width must be >= 0 (0 = all victims in one vmap), got {width}")
+  attack = make_inversion(model_or_apply, spec, victim_optimizer)
+
+  @jax.jit
+  def run(params, observed, rng, labels=None):
+    v = jax.tree.leaves(observed)[0].shape[0]
+
+    def one(xs):
+      p = xs["params"] if per_victim_params else params
+      return attack(p, xs["observed"], xs["key"], xs.get("labels"))
+
+    xs = {"observed": observed, "key": jax.random.split(rng, v)}
+    if labels is not None:
+      xs["labels"] = labels
+    if per_victim_params:
+      xs["params"] = params
+    return map_clients(one, xs, width or v)
+
+  return run
+
+
+def invert_victims(model_or_apply, params: Params, observed: Params, rng: jax.Array, spec: InversionSpec,
+                   labels=None, victim_optimizer=None, per_victim_params: bool = False, width: int = 0) -> Reconstruction:
+  """Validates the inputs, then attacks ``V`` victims at once; returns a ``[V]``-batched result.
+
+  ``observed`` leaves are ``[V, ...]``; ``params`` is the shared round model, or ``[V, ...]``
+  stacked when ``per_victim_params``. Compiles per call: reuse ``batched_inversion`` in loops.
   """
   apply_fn = apply_fn_of(model_or_apply)
   leaves = jax.tree.leaves(observed)
   if not leaves or np.ndim(leaves[0]) < 1:
     raise ValueError("observed must be a pytree of [V, ...] stacked uploads")
-  if width < 0:
-    raise ValueError(f"width must be >= 0 (0 = all victims in one vmap), got {width}")
   v = int(np.shape(leaves[0])[0])
   one_params = jax.tree.map(lambda a: a[0], params) if per_victim_params else params
   check_model(apply_fn, one_params, spec)
@@ -393,21 +442,8 @@ def invert_victims(model_or_apply, params: Params, observed: Params, rng: jax.Ar
     check_observation(one_params, params, v, name="per-victim params")
   check_observation(one_params, observed, v)
   _check_labels(labels, spec, (v,))
-  attack = make_inversion(apply_fn, spec, victim_optimizer)
-
-  def run(params, observed, keys, labels):
-    def one(xs):
-      p = xs["params"] if per_victim_params else params
-      return attack(p, xs["observed"], xs["key"], xs.get("labels"))
-
-    xs = {"observed": observed, "key": keys}
-    if labels is not None:
-      xs["labels"] = labels
-    if per_victim_params:
-      xs["params"] = params
-    return map_clients(one, xs, width or v)
-
-  return jax.jit(run)(params, observed, jax.random.split(rng, v), labels)
+  run = batched_inversion(apply_fn, spec, victim_optimizer, width, per_victim_params)
+  return run(params, observed, rng, None if labels is None else jnp.asarray(labels, jnp.int32))
 
 
 def dlg_spec(batch_size: int, input_shape, num_classes: int, **overrides) -> InversionSpec:
