@@ -143,7 +143,7 @@ def prepare(name: str) -> Federation:
   if data.server_val is None:
     data = ad.carve_server_val(data, config.defense.server_val_fraction, seed=0)
   model = simulation.build_model(config, data)
-  trig = ad._trigger(a)
+  trig = ad.build_trigger(a)
   x_backdoor = po.triggered_inputs(data.test.x, data.test.y, trig, a.target)
   malicious = po.fixed_malicious_set(data.num_clients, a.fraction, tuple(a.clients) or None, a.seed)
   return Federation(name, setting, config, data, model, malicious, pool, x_backdoor, x_edge)
@@ -259,7 +259,7 @@ def switchable_aggregator(fed: Federation, knobs: dict) -> agg_base.Aggregator:
 
 def switchable_algorithm(fed: Federation, knobs: dict):
   a, model = fed.config.attack, fed.model
-  data_fns = [lambda x, y, m, k, ctx: (x, y), po.backdoor(ad._trigger(a), a.target, a.poison_fraction),
+  data_fns = [lambda x, y, m, k, ctx: (x, y), po.backdoor(ad.build_trigger(a), a.target, a.poison_fraction),
               po.edge_case(fed.pool, a.target, a.poison_fraction), po.label_flip(fed.data.num_classes)]
 
   def data_transform(x, y, m, k, ctx):

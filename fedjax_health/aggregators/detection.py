@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 from fedjax_health.aggregators.base import Aggregator, EmptyState, UpdateTransform, flatten_updates, unflatten_like
-from fedjax_health.models import predict_labels
+from fedjax_health.models import per_example_loss, predict_labels
 
 
 def _empty_init(params):
@@ -218,7 +218,6 @@ def loss_rejection(apply_fn: Callable, val_x, val_y, num_reject: int, metric: st
   lr 1); the ``num_reject`` valid clients with the largest impact are rejected (at most
   ``n - 1``).
   """
-  from fedjax_health.models import per_example_loss
   if metric not in ("loss", "error"):
     raise ValueError(f"loss_rejection metric must be 'loss' (LRR) or 'error' (ERR), got {metric!r}")
   if num_reject < 0:

@@ -246,7 +246,8 @@ class Components:
   target: int
 
 
-def _trigger(a):
+def build_trigger(a) -> poisoning.Trigger:
+  """Returns the backdoor trigger of ``config.attack`` (pixel patch or feature values)."""
   if a.trigger == "patch":
     return poisoning.pixel_patch(a.patch_size, a.patch_value)
   return poisoning.feature_trigger(tuple(a.trigger_features), tuple(a.trigger_values))
@@ -264,7 +265,7 @@ def build_components(config, data: FederatedData, model) -> Components:
     data, pool, attack_x = poisoning.split_edge_cases(data, source, a.edge_quantile, a.edge_k)
     transform = poisoning.edge_case(pool, a.target, a.poison_fraction)
   elif a.kind == "backdoor":
-    trig = _trigger(a)
+    trig = build_trigger(a)
     transform = poisoning.backdoor(trig, a.target, a.poison_fraction)
     attack_x = poisoning.triggered_inputs(data.test.x, data.test.y, trig, a.target)
   elif a.kind == "label_flip":
