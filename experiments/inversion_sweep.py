@@ -12,7 +12,7 @@ only the mean of k updates).
 Writes ``results/inversion_sweep.{json,md}``, ``results/inversion_sweep/*.npz`` and the figures
 ``docs/img/inversion_sweep.png``, ``docs/img/inversion_grid.png``. ~12 min on 2 CPU cores.
 
-  nice -n 10 python experiments/inversion_sweep.py [--victims=32] [--only=breast|heart]
+  nice -n 10 python experiments/inversion_sweep.py [--victims=32] [--only=breast|heart] [--replot]
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ RECORD_ROWS = [
     ("secure aggregation", "mean of 4", {"inversion.secure_agg_group": 4}),
 ]
 
-GRID_ROWS = ["no defence (base)", "ReLU", "5 steps", "z = 1e-3", "z = 1e-2"]
+GRID_ROWS = ["no defence (base)", "ReLU", "5 steps", "z = 1e-4", "z = 1e-3"]
 
 
 def load_config(name: str):
@@ -93,6 +93,38 @@ def make_config(name: str, overrides: dict, victims: int):
   return config
 
 
+def slug(name: str, group: str, label: str) -> str:
+  return f"{name}_{group}_{label}".replace(" ", "_").replace("/", "-").replace(",", "")
+
+
+def reference_row(name: str, victims: int) -> dict:
+  """Returns what an attacker gets WITHOUT the update: the train-set mean image / mean record as the guess."""
+  config = make_config(name, {}, victims)
+  data = ir.load_target_data(config)
+  _, x, y = ir.victim_dataset(data.train, config.inversion.num_victims, 1, np.random.default_rng(config.seed))
+  guess = np.broadcast_to(data.train.x.mean(0), x.shape).astype(np.float32)
+  row = {"target": name, "group": "reference", "setting": "guess the train mean (no attack)", "seconds": 0.0,
+         "num_attacks": int(x.shape[0]), "examples_per_attack": 1}
+  if x.ndim == 5:
+    m = im.image_metrics(guess, x)
+    row.update(psnr_mean=float(m["psnr"].mean()), psnr_median=float(np.median(m["psnr"])), ssim_mean=float(m["ssim"].mean()),
+               label_accuracy=float(np.mean(y == np.bincount(data.train.y).argmax())))
+  else:
+    m = im.record_metrics(guess, x, config.inversion.record_tolerance)
+    row.update(feature_mae=float(m["abs_error"].mean()), recovered_fraction=float(m["recovered"].mean()),
+               label_accuracy=float(np.mean(y == np.bincount(data.train.y).argmax())))
+  return row
+
+
+def load_rows(rows_json: list[dict], out_dir: str) -> list[dict]:
+  """Returns saved rows with their arrays reattached (``--replot``)."""
+  for row in rows_json:
+    if row["group"] != "reference":
+      with np.load(os.path.join(out_dir, f"{slug(row['target'], row['group'], row['setting'])}.npz")) as f:
+        row["_arrays"] = dict(f)
+  return rows_json
+
+
 def run_rows(name: str, rows, victims: int, out_dir: str) -> list[dict]:
   results = []
   for group, label, overrides in rows:
@@ -102,8 +134,7 @@ def run_rows(name: str, rows, victims: int, out_dir: str) -> list[dict]:
     row = {"target": name, "group": group, "setting": label, "seconds": round(time.time() - t0, 1)}
     row.update({k: v for k, v in out.items() if isinstance(v, (int, float))})
     results.append(row)
-    slug = f"{name}_{group}_{label}".replace(" ", "_").replace("/", "-").replace(",", "")
-    np.savez_compressed(os.path.join(out_dir, f"{slug}.npz"),
+    np.savez_compressed(os.path.join(out_dir, f"{slug(name, group, label)}.npz"),
                         **{k: v for k, v in out.items() if isinstance(v, np.ndarray)})
     row["_arrays"] = out
     print(json.dumps({k: v for k, v in row.items() if not k.startswith("_")}), flush=True)
@@ -140,7 +171,8 @@ def plot_sweep(image_rows, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   base = next(r for r in image_rows if r["group"] == "none")
-  groups = [g for g in dict.fromkeys(r["group"] for r in image_rows) if g not in ("none", "dataset")]
+  ref = next((r for r in image_rows if r["group"] == "reference"), None)
+  groups = [g for g in dict.fromkeys(r["group"] for r in image_rows) if g not in ("none", "dataset", "reference")]
   fig, axes = plt.subplots(2, 4, figsize=(15, 6.4))
   for ax, group in zip(axes.ravel(), groups):
     rows = [base] + [r for r in image_rows if r["group"] == group]
@@ -152,6 +184,9 @@ def plot_sweep(image_rows, path: str) -> None:
     ax.set_ylabel("PSNR (dB)", fontsize=8)
     ax.set_title(group, fontsize=9)
     ax.set_ylim(0, max(r["psnr_mean"] for r in image_rows) * 1.15)
+    if ref is not None:
+      ax.axhline(ref["psnr_mean"], ls="--", lw=0.8, color="k")
+      ax.text(len(rows) - 0.5, ref["psnr_mean"] + 1, "mean image", fontsize=6, ha="right")
     ax2 = ax.twinx()
     ax2.plot(range(len(rows)), [r["ssim_mean"] for r in rows], "o-", color="#d1603d", ms=3)
     ax2.set_ylim(0, 1.05)
@@ -160,7 +195,8 @@ def plot_sweep(image_rows, path: str) -> None:
       ax2.set_ylabel("SSIM", fontsize=8, color="#d1603d")
   for ax in axes.ravel()[len(groups):]:
     ax.axis("off")
-  fig.suptitle("Inverting Gradients on one FedAvg round, BreastMNIST 16x16, sigmoid LeNet (bars: PSNR, dots: SSIM)",
+  fig.suptitle("Inverting Gradients on one FedAvg round, BreastMNIST 16x16, sigmoid LeNet (bars: PSNR, dots: SSIM; "
+               "dashed: PSNR of guessing the mean image)",
                fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=80)
@@ -171,7 +207,7 @@ def plot_grid(image_rows, path: str, n: int = 8) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  by_label = {r["setting"]: r["_arrays"] for r in image_rows if r["target"] == "inversion_breastmnist"}
+  by_label = {r["setting"]: r["_arrays"] for r in image_rows if r["target"] == "inversion_breastmnist" and "_arrays" in r}
   shown = [s for s in GRID_ROWS if s in by_label]
   base = by_label[shown[0]]
   fig, axes = plt.subplots(len(shown) + 1, n, figsize=(1.05 * n, 1.15 * (len(shown) + 1)))
@@ -196,12 +232,23 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--victims", type=int, default=32, help="examples attacked per row")
   ap.add_argument("--only", default="", help="breast | heart (default: both)")
+  ap.add_argument("--replot", action="store_true", help="redraw table and figures from results/ (no attacks)")
   args = ap.parse_args()
   out_dir = os.path.join(ROOT, "results", "inversion_sweep")
   os.makedirs(out_dir, exist_ok=True)
   t0 = time.time()
-  image_rows = [] if args.only == "heart" else run_rows("inversion_breastmnist", IMAGE_ROWS, args.victims, out_dir)
-  record_rows = [] if args.only == "breast" else run_rows("inversion_heart_disease", RECORD_ROWS, args.victims, out_dir)
+  if args.replot:
+    with open(os.path.join(ROOT, "results", "inversion_sweep.json")) as f:
+      saved = json.load(f)
+    image_rows, record_rows = load_rows(saved["images"], out_dir), load_rows(saved["records"], out_dir)
+  else:
+    image_rows = record_rows = []
+    if args.only != "heart":
+      image_rows = [reference_row("inversion_breastmnist", args.victims)]
+      image_rows += run_rows("inversion_breastmnist", IMAGE_ROWS, args.victims, out_dir)
+    if args.only != "breast":
+      record_rows = [reference_row("inversion_heart_disease", args.victims)]
+      record_rows += run_rows("inversion_heart_disease", RECORD_ROWS, args.victims, out_dir)
   table = markdown(image_rows, record_rows)
   print(table)
   print(f"total {time.time() - t0:.0f}s")
