@@ -6,7 +6,8 @@ Default FedPer; any of fedper, lg_fedavg, local_only, apfl, ditto, interpolation
 multicenter, ifca, cfl with ``--config.algorithm``. ~10 s per method on a 2-core CPU.
 
   python -m launch.main --config=configs/heart_disease_personalized.py --workdir=workdir/hd_fedper
-  python -m launch.main --config=configs/heart_disease_personalized.py --config.algorithm=apfl --workdir=workdir/hd_apfl
+  python -m launch.main --config=configs/heart_disease_personalized.py --config.algorithm=apfl \
+      --workdir=workdir/hd_apfl
   python -m launch.main --config=configs/heart_disease_personalized.py:smoke --workdir=/tmp/hd_pers
 """
 

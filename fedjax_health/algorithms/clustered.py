@@ -297,7 +297,8 @@ def build_clustered_experiment(config, data: FederatedData, model, name: str) ->
   k = cc.num_clusters
   agg_clustered.check_num_clusters(k, data.num_clients)
   n = data.num_clients
-  common = dict(num_clients=n, cohort_size=min(config.cohort_size or n, n), plan=build_plan(config, data.train.client_sizes),
+  common = dict(num_clients=n, cohort_size=min(config.cohort_size or n, n),
+                plan=build_plan(config, data.train.client_sizes),
                 num_clusters=k, client_opt=fedavg_lib.client_optimizer(c.optimizer, c.learning_rate, c.momentum),
                 server_opt=fedavg_lib.server_optimizer(s.optimizer, s.learning_rate, s.b1, s.b2, s.tau, s.momentum),
                 clients_per_step=config.clients_per_step)

@@ -114,10 +114,10 @@ def personalized_round(*, num_clients: int, cohort_size: int, plan, client_updat
                        sampling_weights=None):
   """Returns ``(init(shared_params, client_states), round_fn(state, train, rng))``.
 
-  ``client_update(shared, personal, batch, mask, rng, ctx, train) -> (shared_update,
-  new_personal, aux)`` runs on one client (``batch = {"x", "y"}`` of ``[steps, batch, ...]``);
-  ``aux`` needs ``loss`` and ``num_examples``. The PRNG keys are split exactly as in
-  ``fedavg.fedavg``, so a method whose shared part is FedAvg reproduces FedAvg bit for bit.
+  ``client_update(shared, personal, batch, mask, rng, ctx) -> (shared_update, new_personal,
+  aux)`` runs on one client (``batch = {"x", "y"}`` of ``[steps, batch, ...]``); ``aux`` needs
+  ``loss`` and ``num_examples``. The PRNG keys are split exactly as in ``fedavg.fedavg``, so a
+  method whose shared part is FedAvg reproduces FedAvg's global model (up to float rounding).
   """
   if not 1 <= cohort_size <= num_clients:
     raise ValueError(f"cohort_size must be in [1, num_clients={num_clients}], got {cohort_size}")
@@ -139,7 +139,7 @@ def personalized_round(*, num_clients: int, cohort_size: int, plan, client_updat
     def one(pc):
       offset, pos_c, mask_c, key, ctx_c, pers = pc
       batch = client_lib.gather_client_batches(train["arrays"], offset, pos_c)
-      return client_update(state.params, pers, batch, mask_c, key, ctx_c, train)
+      return client_update(state.params, pers, batch, mask_c, key, ctx_c)
 
     updates, new_personal, aux = client_lib.map_clients(one, per_client, clients_per_step)
     weights = aux["num_examples"]
@@ -166,8 +166,7 @@ def partial_update(model, client_opt, mask: dict[str, bool]) -> ClientUpdate:
   """FedPer / LG-FedAvg / local only: train shared + personal layers, upload the shared delta."""
   trainer = client_lib.ClientTrainer(client_lib.make_grad_fn(model.example_losses), client_opt)
 
-  def update(shared, personal, batch, mask_c, key, ctx, train):
-    del train
+  def update(shared, personal, batch, mask_c, key, ctx):
     delta, aux = client_lib.local_train(trainer, merge_params(shared, personal), batch["x"], batch["y"],
                                         mask_c, key, ctx)
     d_shared, d_personal = split_params(delta, mask)
@@ -202,8 +201,7 @@ def apfl_update(model, client_opt, alpha_lr: float, adapt_alpha: bool) -> Client
   project = lambda p, anchor, ctx: {**p, "alpha": jnp.clip(p["alpha"], 0.0, 1.0)}
   trainer = client_lib.ClientTrainer(grad_fn, opt, projection=project)
 
-  def update(shared, personal, batch, mask_c, key, ctx, train):
-    del train
+  def update(shared, personal, batch, mask_c, key, ctx):
     joint = {"w": shared, "v": personal["v"], "alpha": personal["alpha"]}
     delta, aux = client_lib.local_train(trainer, joint, batch["x"], batch["y"], mask_c, key, ctx)
     new = client_lib.tree_add(joint, delta)
@@ -227,8 +225,7 @@ def ditto_update(model, client_opt, lam: float) -> ClientUpdate:
 
   trainer = client_lib.ClientTrainer(grad_fn, client_opt)
 
-  def update(shared, personal, batch, mask_c, key, ctx, train):
-    del train
+  def update(shared, personal, batch, mask_c, key, ctx):
     joint = {"w": shared, "v": personal}
     delta, aux = client_lib.local_train(trainer, joint, batch["x"], batch["y"], mask_c, key, ctx)
     return delta["w"], client_lib.tree_add(personal, delta["v"]), aux
@@ -315,7 +312,8 @@ def make_personal_evaluate(model, data: FederatedData, width: int = 1):
   return evaluate
 
 
-def split_validation(ds: FederatedDataset, fraction: float, seed: int = 0) -> tuple[FederatedDataset, FederatedDataset]:
+def split_validation(ds: FederatedDataset, fraction: float,
+                     seed: int = 0) -> tuple[FederatedDataset, FederatedDataset]:
   """Returns (fit, val): each client keeps a random ``fraction`` of its rows (>= 1 if it has 2+) for val."""
   if not 0.0 < fraction < 1.0:
     raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
@@ -328,8 +326,11 @@ def split_validation(ds: FederatedDataset, fraction: float, seed: int = 0) -> tu
     fit_rows.append(perm[n_val:])
     fit_sizes.append(n - n_val)
     val_sizes.append(n_val)
-  make = lambda rows, sizes: FederatedDataset({k: v[np.concatenate(rows).astype(np.int64)] for k, v in ds.arrays.items()},
-                                              np.concatenate([[0], np.cumsum(sizes)]), ds.client_ids)
+  def make(rows, sizes):
+    rows = np.concatenate(rows).astype(np.int64)
+    return FederatedDataset({k: v[rows] for k, v in ds.arrays.items()}, np.concatenate([[0], np.cumsum(sizes)]),
+                            ds.client_ids)
+
   return make(fit_rows, fit_sizes), make(val_rows, val_sizes)
 
 
@@ -342,7 +343,8 @@ def make_validation_choice(model, val: FederatedDataset, num_choices: int, width
   y = jnp.asarray(val.y)
   client = jnp.asarray(val.client_of_example())
   n = val.num_clients
-  loss_sums = jax.jit(lambda logits, y, client: jax.ops.segment_sum(per_example_loss(logits, y), client, num_segments=n))
+  loss_sums = jax.jit(lambda logits, y, client: jax.ops.segment_sum(per_example_loss(logits, y), client,
+                                                                     num_segments=n))
 
   def choose(stacked):
     losses = [loss_sums(logits_fn(jax.tree.map(lambda p: p[:, g], stacked)), y, client) for g in range(num_choices)]
@@ -398,7 +400,8 @@ def check_config(config, data=None) -> None:
 def _common(config, train_ds: FederatedDataset):
   s = config.server
   n = train_ds.num_clients
-  return dict(num_clients=n, cohort_size=min(config.cohort_size or n, n), plan=build_plan(config, train_ds.client_sizes),
+  return dict(num_clients=n, cohort_size=min(config.cohort_size or n, n),
+              plan=build_plan(config, train_ds.client_sizes),
               server_opt=fedavg_lib.server_optimizer(s.optimizer, s.learning_rate, s.b1, s.b2, s.tau, s.momentum),
               clients_per_step=config.clients_per_step)
 

@@ -85,6 +85,7 @@ def test_ifca_round_matches_per_client_reference():
   pos, mask = make_batch_plan(k_plan, jnp.asarray(data.train.client_sizes, jnp.int32)[cohort], plan)
   keys = jax.random.split(k_clients, 6)
   trainer = client_lib.ClientTrainer(client_lib.make_grad_fn(model.example_losses), optax.sgd(0.1))
+  train_one = jax.jit(lambda p, x, y, m, key: client_lib.local_train(trainer, p, x, y, m, key)[0])
   chosen, deltas, weights = [], [], []
   for i, c in enumerate(cohort):
     idx = data.train.offsets[c] + np.asarray(pos[i])
@@ -95,7 +96,7 @@ def test_ifca_round_matches_per_client_reference():
       per = np.asarray(model.example_losses(p, x.reshape(-1, x.shape[-1]), y.reshape(-1)))
       losses.append(per[m.reshape(-1)].mean())
     k = int(np.argmin(losses))
-    d, _ = client_lib.local_train(trainer, jax.tree.map(lambda a: a[k], centers), x, y, m, keys[i])
+    d = train_one(jax.tree.map(lambda a: a[k], centers), x, y, m, keys[i])
     chosen.append(k), deltas.append(d), weights.append(m.sum())
   np.testing.assert_array_equal(np.asarray(state.clients["cluster"])[cohort], chosen)
   for k in range(3):
@@ -104,7 +105,8 @@ def test_ifca_round_matches_per_client_reference():
       _close(jax.tree.map(lambda a: a[k], state.params), jax.tree.map(lambda a: a[k], centers))
       continue
     w = np.array([weights[i] for i in members], np.float64)
-    mean = jax.tree.map(lambda *ds: sum(wi * np.asarray(di) for wi, di in zip(w / w.sum(), ds)), *[deltas[i] for i in members])
+    mean = jax.tree.map(lambda *ds: sum(wi * np.asarray(di) for wi, di in zip(w / w.sum(), ds)),
+                        *[deltas[i] for i in members])
     _close(jax.tree.map(lambda a: a[k], state.params), jax.tree.map(lambda c, d: c[k] + d, centers, mean))
 
 
@@ -192,7 +194,7 @@ def test_config_validation_names_the_field(field, value, msg):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, algorithm", [("retinamnist_clustered.py", "ifca"), ("breastmnist_clustered.py", "multicenter"),
+@pytest.mark.parametrize("name, algorithm", [("breastmnist_clustered.py", "multicenter"),  # ifca: test_launch.py
                                              ("synthetic_clustered.py", "cfl")])
 def test_clustered_configs_run_end_to_end(name, algorithm, tmp_path):
   config = load_config(name, "smoke")

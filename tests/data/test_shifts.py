@@ -69,7 +69,8 @@ def test_clustered_label_skew_shares_label_mix_within_clusters():
   mixes = [m / m.sum() for m in mixes]
   within = np.mean([np.abs(mixes[a] - mixes[b]).sum() for a in range(8) for b in range(8)
                     if a < b and clusters[a] == clusters[b]])
-  across = np.mean([np.abs(mixes[a] - mixes[b]).sum() for a in range(8) for b in range(8) if clusters[a] != clusters[b]])
+  across = np.mean([np.abs(mixes[a] - mixes[b]).sum() for a in range(8) for b in range(8)
+                    if clusters[a] != clusters[b]])
   assert within < 0.2 < across
   with pytest.raises(ValueError, match="alpha"):
     shifts.clustered_label_skew(labels, clusters, 0.0, rng)
