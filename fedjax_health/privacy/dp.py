@@ -152,7 +152,8 @@ def adaptive_clip_gaussian_mean(initial_clip_norm: float, noise_multiplier: floa
   """Returns DP-FedAvg with quantile-based adaptive clipping (Andrew et al. 2021).
 
   Each round, with clip norm ``C``: ``b_i = 1[||Delta_i|| <= C]``; the server releases
-  ``b = (sum_i b_i + N(0, sigma_b^2)) / m`` and the noised clipped mean with update noise
+  ``b = (sum_i (b_i - 1/2) + N(0, sigma_b^2)) / m + 1/2`` (centred bits: sensitivity 1/2, as in
+  TensorFlow Privacy's quantile estimator) and the noised clipped mean with update noise
   ``z_Delta C``; then ``C <- C exp(-eta (b - gamma))`` (geometric update). The default
   ``sigma_b = m / 20`` follows the paper. The two releases together cost one Gaussian
   mechanism of multiplier ``noise_multiplier``.
@@ -174,8 +175,9 @@ def adaptive_clip_gaussian_mean(initial_clip_norm: float, noise_multiplier: floa
     k_upd, k_count = jax.random.split(rng)
     clip = state.clip_norm
     agg, part, norms, info = _noisy_fixed_mean(updates, weights, ctx, k_upd, clip, z_delta * clip, denominator)
-    unclipped = jnp.sum((norms <= clip) & part)
-    frac = (unclipped + sigma_b * jax.random.normal(k_count, ())) / denominator
+    # Centred bits b_i - 1/2: adding or removing a client moves their sum by 1/2, hence 2 sigma_b.
+    centred = jnp.sum(jnp.where(part, (norms <= clip).astype(jnp.float32) - 0.5, 0.0))
+    frac = (centred + sigma_b * jax.random.normal(k_count, ())) / denominator + 0.5
     new_clip = clip * jnp.exp(-eta * (frac - target_quantile))
     info = dict(info, clip_norm=clip, unclipped_fraction_estimate=frac)
     return agg, AdaptiveClipState(new_clip.astype(jnp.float32)), info

@@ -119,7 +119,7 @@ def max_frac_bits(num_clients: int, clip_range: float) -> int:
 
 
 def precision_frac_bits(clip_range: float) -> int:
-  """Returns the largest ``f`` with ``r 2^f <= 2^22``, so float32 still resolves the rounding noise."""
+  """Returns the largest ``f`` with ``r 2^f <= 2^22``: float32 holds the scaled integers exactly."""
   return int(22 - math.ceil(math.log2(clip_range)))
 
 
@@ -135,8 +135,10 @@ def quantize(x: jax.Array, clip_range: float, frac_bits: int, rng: jax.Array) ->
   """
   scale = float(2 ** frac_bits)
   clamped = jnp.sum(jnp.abs(x) > clip_range)
-  v = jnp.clip(x, -clip_range, clip_range) * scale
-  v = jnp.floor(v + jax.random.uniform(rng, x.shape, v.dtype))
+  v = jnp.clip(x, -clip_range, clip_range) * scale  # exact: a power-of-two scaling
+  lo = jnp.floor(v)
+  # Round up with probability frac(v): exact in float32, so unbiased (v + u would round u away).
+  v = lo + (jax.random.uniform(rng, x.shape, v.dtype) < v - lo).astype(v.dtype)
   return jax.lax.bitcast_convert_type(v.astype(jnp.int32), jnp.uint32), clamped
 
 
