@@ -73,7 +73,7 @@ def bench_python_loop(model, ds, plan, repeats, lr=0.1):
   params = model.init(jax.random.key(0))
   b = plan.batch_size
   per = int(ds.client_sizes[0])
-  xs = jnp.asarray(ds.x).reshape(ds.num_clients, plan.num_steps, b, -1)
+  xs = jnp.asarray(ds.x).reshape((ds.num_clients, plan.num_steps, b) + ds.x.shape[1:])
   ys = jnp.asarray(ds.y).reshape(ds.num_clients, plan.num_steps, b)
   mask = jnp.ones((plan.num_steps, b), bool)
   assert per == plan.num_steps * b
@@ -93,7 +93,7 @@ def bench_python_loop(model, ds, plan, repeats, lr=0.1):
 def bench_centralised(model, ds, steps: int, repeats: int, lr=0.1):
   params = model.init(jax.random.key(0))
   opt = optax.sgd(lr)
-  x = jnp.asarray(ds.x).reshape(steps, -1, ds.x.shape[1])
+  x = jnp.asarray(ds.x).reshape((steps, -1) + ds.x.shape[1:])
   y = jnp.asarray(ds.y).reshape(steps, -1)
 
   @jax.jit
