@@ -90,6 +90,9 @@ class ClientTrainer:
   optimizer: optax.GradientTransformation
   projection: Callable | None = None
   data_transform: Callable | None = None
+  # Unrolling the local-step scan: XLA's CPU backend runs convolutions inside a while loop an
+  # order of magnitude slower (measured 0.45 s vs 0.034 s per CNN step), so CNNs on CPU want True.
+  unroll: int | bool = 1
 
 
 def local_train(trainer: ClientTrainer, params: Params, xs: jax.Array, ys: jax.Array, mask: jax.Array,
@@ -119,7 +122,7 @@ def local_train(trainer: ClientTrainer, params: Params, xs: jax.Array, ys: jax.A
     return (tree_where(active, p_new, p), tree_where(active, s_new, s)), (loss, active)
 
   keys = jax.random.split(rng, xs.shape[0])
-  (p, _), (losses, active) = jax.lax.scan(step, (params, opt_state), (xs, ys, mask, keys))
+  (p, _), (losses, active) = jax.lax.scan(step, (params, opt_state), (xs, ys, mask, keys), unroll=trainer.unroll)
   aux = {
       "loss": masked_mean(losses, active),
       "num_steps": jnp.sum(active).astype(jnp.int32),

@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.client.num_epochs = 0  # > 0: epochs per round; 0: fixed num_steps per round
   config.client.num_steps = 100
   config.client.prox_mu = 0.0  # FedProx
+  config.client.unroll = 1  # local-step scan unroll; True for CNNs on CPU (convs in loops are slow there)
 
   # Server (FedOpt: pseudo-gradient = -aggregate).
   config.server = ml_collections.ConfigDict()

@@ -154,3 +154,13 @@ def test_map_sum_clients_sharded_psums_across_devices():
       lambda shared, x: (x * shared, jnp.sum(x)), w, a, 3, mesh))(xs)
   np.testing.assert_allclose(total, (xs * w).sum(0))
   np.testing.assert_allclose(small, xs.sum(1))
+
+
+def test_unrolled_local_train_equals_scan():
+  model, params, xs, ys, mask = _setup()
+  base = _trainer(model)
+  unrolled = client_lib.ClientTrainer(base.grad_fn, base.optimizer, unroll=True)
+  for c in range(3):
+    a, _ = client_lib.local_train(base, params, xs[c], ys[c], mask[c], jax.random.key(c))
+    b, _ = client_lib.local_train(unrolled, params, xs[c], ys[c], mask[c], jax.random.key(c))
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-6), a, b)

@@ -83,7 +83,7 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
            client_opt: optax.GradientTransformation, server_opt: optax.GradientTransformation | None = None,
            aggregator: agg_base.Aggregator | None = None, prox_mu: float = 0.0,
            clients_per_step: int = 1, mesh=None, grad_fn=None, projection=None, data_transform=None,
-           client_ctx_fn: Callable = default_client_ctx, sampling_weights=None,
+           client_ctx_fn: Callable = default_client_ctx, sampling_weights=None, unroll: int | bool = 1,
            plan_fn: Callable | None = None) -> FederatedAlgorithm:
   """Returns the FedAvg/FedProx/FedOpt algorithm for ``model``.
 
@@ -101,6 +101,7 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     grad_fn, projection, data_transform: client hooks (see ``client.py``).
     client_ctx_fn: ``(cohort, round, rng) -> per-client pytree [cohort, ...]`` passed to hooks and
       to the aggregator as ``ctx["client_ctx"]``.
+    unroll: unroll of the local-step scan (True: fully; CNNs on CPU, see ``ClientTrainer``).
     plan_fn: optional ``(rng, sizes[C]) -> (pos, mask)`` replacing ``make_batch_plan(rng, sizes, plan)``
       (e.g. Poisson-sampled batches for DP-SGD).
   """
@@ -113,7 +114,7 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
   if grad_fn is None:
     grad_fn = client_lib.make_grad_fn(model.example_losses,
                                       client_lib.prox_regularizer(prox_mu) if prox_mu > 0 else None)
-  trainer = client_lib.ClientTrainer(grad_fn, client_opt, projection, data_transform)
+  trainer = client_lib.ClientTrainer(grad_fn, client_opt, projection, data_transform, unroll)
 
   def init(params):
     return ServerState(params, server_opt.init(params), aggregator.init(params), jnp.zeros((), jnp.int32))

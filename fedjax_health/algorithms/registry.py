@@ -37,6 +37,7 @@ def build_fedavg_algorithm(config, train_ds, model, **overrides) -> fedavg_lib.F
       prox_mu=c.prox_mu,
       clients_per_step=config.clients_per_step,
       mesh=_mesh(config),
+      unroll=config.client.get("unroll", 1),
   )
   kwargs.update(overrides)
   return fedavg_lib.fedavg(model, **kwargs)
