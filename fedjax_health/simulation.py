@@ -29,6 +29,7 @@ from fedjax_health import distributed
 from fedjax_health import metrics as metrics_lib
 from fedjax_health import models
 from fedjax_health import plugins
+from fedjax_health import resources
 from fedjax_health.config_validation import validate_config
 from fedjax_health.data import registry as data_registry
 from fedjax_health.data.federated import BatchPlanSpec, FederatedData, FederatedDataset
@@ -199,6 +200,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, log: Callable[
   data = data_registry.load_data(config.dataset, seed=config.seed)
   validate_config(config, data)  # the checks that need the data (cohort vs population, ...)
   model = build_model(config, data)
+  streaming = config.algorithm in ("fedavg", "fedprox", "fedopt", "local", "pooled")
+  resources.check_round_fits(config, data, model, stacked=not streaming)
   if distributed.is_multiprocess() and not distributed.is_chief():
     # Every process computes the same replicated results; only process 0 writes and logs.
     workdir, log = tempfile.mkdtemp(prefix=f"fedjax_health_p{jax.process_index()}_"), (lambda s: None)

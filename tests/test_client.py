@@ -102,14 +102,13 @@ def test_map_clients_every_width_equals_python_reference(width):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got, ref)
 
 
-@pytest.mark.parametrize("num_devices, width", [(4, 1), (4, 2), (2, 3)])
+@pytest.mark.parametrize("num_devices, width", [(4, 1), (4, 2), (2, 3), (8, 1)])
 def test_shard_map_equals_single_device(num_devices, width):
   if jax.device_count() < num_devices:
     pytest.skip("needs forced host devices (tests/conftest.py)")
-  model, params, xs, ys, mask = _setup(n_clients=12)
-  xs, ys, mask = xs[:12], ys[:12], mask[:12]
+  model, params, xs, ys, mask = _setup(n_clients=16)
   trainer = _trainer(model)
-  keys = jnp.stack([jax.random.key_data(jax.random.key(c)) for c in range(12)])
+  keys = jnp.stack([jax.random.key_data(jax.random.key(c)) for c in range(16)])
   mesh = client_lib.make_client_mesh(num_devices)
 
   def fn(shared, inp):

@@ -1,0 +1,65 @@
+"""Memory estimate of a round, checked before anything is compiled.
+
+The estimate counts what must be resident at once: the flat train/test data on device, the
+per-client working set of the clients trained together (``clients_per_step``: parameters, optimiser
+state, gradients and the update, about 6 copies of the parameters each, plus the chunk's gathered
+batches and activations), and, for aggregators that need every update at once (robust, clustered),
+the ``[cohort, params]`` stack with about 3 temporaries. FedAvg's default streaming mean never
+builds that stack.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import numpy as np
+
+
+def available_bytes() -> int:
+  """Returns the memory the default device can use (device limit on GPU/TPU, MemAvailable on CPU)."""
+  dev = jax.devices()[0]
+  if dev.platform != "cpu":
+    stats = dev.memory_stats() or {}
+    if "bytes_limit" in stats:
+      return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def estimate_round_bytes(num_params: int, data_bytes: int, cohort: int, width: int, batch_bytes: int,
+                         stacked: bool) -> int:
+  """Returns a conservative estimate of a round's peak bytes (see the module docstring)."""
+  width = min(width, cohort)
+  per_client = 6 * 4 * num_params + 4 * batch_bytes
+  total = data_bytes + width * per_client
+  if stacked:
+    total += 4 * 4 * num_params * cohort
+  return int(total)
+
+
+def check_round_fits(config, data, model, stacked: bool = False) -> int:
+  """Raises ValueError naming the fields to change when the estimated round cannot fit memory."""
+  params = jax.eval_shape(model.init, jax.random.key(0))
+  num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+  data_bytes = sum(v.nbytes for v in data.train.arrays.values()) + sum(v.nbytes for v in data.test.arrays.values())
+  cohort = config.cohort_size or data.num_clients
+  c = config.client
+  example_bytes = int(np.prod(data.input_shape)) * 4
+  steps = max(c.num_steps, 1) if c.num_epochs == 0 else math.ceil(c.num_epochs * data.train.client_sizes.max() / c.batch_size)
+  batch_bytes = steps * c.batch_size * example_bytes
+  need = estimate_round_bytes(num_params, data_bytes, cohort, config.clients_per_step, batch_bytes, stacked)
+  have = available_bytes()
+  if need > have:
+    raise ValueError(
+        f"the round is estimated to need {need / 2**30:.1f} GiB but {have / 2**30:.1f} GiB is available "
+        f"(config.cohort_size={cohort}, config.clients_per_step={config.clients_per_step}, {num_params:,} params); "
+        f"lower config.clients_per_step or config.cohort_size")
+  return need

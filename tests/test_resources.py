@@ -1,0 +1,25 @@
+import pytest
+
+from fedjax_health import resources, simulation
+from fedjax_health.config_base import base_config
+
+
+def test_estimate_grows_with_width_and_stack_not_cohort_when_streaming():
+  a = resources.estimate_round_bytes(10**6, 0, cohort=10_000, width=1, batch_bytes=0, stacked=False)
+  b = resources.estimate_round_bytes(10**6, 0, cohort=100, width=1, batch_bytes=0, stacked=False)
+  assert a == b == 24 * 10**6
+  assert resources.estimate_round_bytes(10**6, 0, 100, 10, 0, False) == 10 * a
+  assert resources.estimate_round_bytes(10**6, 0, 100, 1, 0, True) == a + 16 * 10**8
+
+
+def test_cohort_that_cannot_fit_fails_before_compiling(tmp_path):
+  config = base_config()
+  config.num_rounds = 1
+  config.dataset.name = "synthetic"
+  config.dataset.num_clients = 20
+  config.dataset.samples_per_client = 20
+  config.model.name = "mlp"
+  config.model.hidden = (20_000, 20_000)  # ~400M params: one client's working set alone is ~10 GiB
+  config.clients_per_step = 20
+  with pytest.raises(ValueError, match=r"estimated to need .* GiB .*lower config.clients_per_step"):
+    simulation.run(config, str(tmp_path))
