@@ -52,9 +52,9 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
   return statistics.median(times)
 
 
-def bench_engine(model, ds, plan, width, repeats, lr=0.1):
+def bench_engine(model, ds, plan, width, repeats, lr=0.1, unroll=1):
   alg = fa.fedavg(model, num_clients=ds.num_clients, cohort_size=ds.num_clients, plan=plan,
-                  client_opt=optax.sgd(lr), clients_per_step=width)
+                  client_opt=optax.sgd(lr), clients_per_step=width, unroll=unroll, map_unroll=unroll)
   state = alg.init(model.init(jax.random.key(0)))
   train = fa.device_train_data(ds)
   round_fn = jax.jit(alg.round_fn)
@@ -67,8 +67,8 @@ def bench_engine(model, ds, plan, width, repeats, lr=0.1):
   return median_time(step, repeats)
 
 
-def bench_python_loop(model, ds, plan, repeats, lr=0.1):
-  trainer = client_lib.ClientTrainer(client_lib.make_grad_fn(model.example_losses), optax.sgd(lr))
+def bench_python_loop(model, ds, plan, repeats, lr=0.1, unroll=1):
+  trainer = client_lib.ClientTrainer(client_lib.make_grad_fn(model.example_losses), optax.sgd(lr), unroll=unroll)
   local = jax.jit(lambda p, x, y, m, k: client_lib.local_train(trainer, p, x, y, m, k)[0])
   params = model.init(jax.random.key(0))
   b = plan.batch_size
@@ -90,7 +90,7 @@ def bench_python_loop(model, ds, plan, repeats, lr=0.1):
   return median_time(step, repeats)
 
 
-def bench_centralised(model, ds, steps: int, repeats: int, lr=0.1):
+def bench_centralised(model, ds, steps: int, repeats: int, lr=0.1, unroll=1):
   params = model.init(jax.random.key(0))
   opt = optax.sgd(lr)
   x = jnp.asarray(ds.x).reshape((steps, -1) + ds.x.shape[1:])
@@ -103,7 +103,7 @@ def bench_centralised(model, ds, steps: int, repeats: int, lr=0.1):
       g = jax.grad(lambda q: jnp.mean(model.example_losses(q, xy[0], xy[1])))(p)
       u, s = opt.update(g, s, p)
       return (optax.apply_updates(p, u), s), None
-    (p, _), _ = jax.lax.scan(body, (p, opt.init(p)), (x, y))
+    (p, _), _ = jax.lax.scan(body, (p, opt.init(p)), (x, y), unroll=unroll)
     return p
 
   return median_time(lambda: train(params), repeats)

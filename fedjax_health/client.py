@@ -177,14 +177,16 @@ def map_clients_sharded(fn: Callable, shared: PyTree, xs: PyTree, width: int, me
   return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(CLIENTS_AXIS)), out_specs=P(CLIENTS_AXIS))(shared, xs)
 
 
-def map_sum_clients(fn: Callable, xs: PyTree, width: int = 1, axis_name: str | None = None) -> tuple[PyTree, PyTree]:
+def map_sum_clients(fn: Callable, xs: PyTree, width: int = 1, axis_name: str | None = None,
+                    unroll: int | bool = 1) -> tuple[PyTree, PyTree]:
   """Returns (sum over clients of ``fn(x)[0]``, stacked ``fn(x)[1]``) without stacking the sums.
 
   For linear aggregation (FedAvg's weighted mean) this never materialises the ``[cohort, params]``
   stack: a ``lax.scan`` over chunks of ``width`` clients (each chunk a ``vmap``) carries the running
   sum, so memory is bounded by the chunk, not the cohort. The cohort is padded to a multiple of
   ``width`` with copies of client 0 whose contributions are selected away. Inside ``shard_map``
-  pass ``axis_name`` so the running sum starts as a per-device (varying) value.
+  pass ``axis_name`` so the running sum starts as a per-device (varying) value. ``unroll`` unrolls
+  the scan over chunks (small cohorts of conv nets on CPU, where loops slow convolutions down).
   """
   if width < 1:
     raise ValueError(f"clients_per_step (map width) must be >= 1, got {width}")
@@ -212,12 +214,13 @@ def map_sum_clients(fn: Callable, xs: PyTree, width: int = 1, axis_name: str | N
     acc, small = body(acc0, (jax.tree.map(lambda a: a[0], chunked), valid))
     small = jax.tree.map(lambda a: a[None], small)
   else:
-    acc, small = jax.lax.scan(body, acc0, (chunked, valid.reshape(n_chunks, width)))
+    acc, small = jax.lax.scan(body, acc0, (chunked, valid.reshape(n_chunks, width)), unroll=unroll)
   small = jax.tree.map(lambda a: a.reshape((n_chunks * width,) + a.shape[2:])[:cohort], small)
   return acc, small
 
 
-def map_sum_clients_sharded(fn: Callable, shared: PyTree, xs: PyTree, width: int, mesh: Mesh):
+def map_sum_clients_sharded(fn: Callable, shared: PyTree, xs: PyTree, width: int, mesh: Mesh,
+                            unroll: int | bool = 1):
   """``map_sum_clients`` with the cohort split over ``mesh``'s ``'clients'`` axis (sums psum'd)."""
   n_dev = mesh.shape[CLIENTS_AXIS]
   cohort = jax.tree.leaves(xs)[0].shape[0]
@@ -226,7 +229,7 @@ def map_sum_clients_sharded(fn: Callable, shared: PyTree, xs: PyTree, width: int
 
   def body(shared_local, xs_local):
     shared_local = jax.tree.map(lambda a: jax.lax.pcast(a, (CLIENTS_AXIS,), to="varying"), shared_local)
-    acc, small = map_sum_clients(lambda x: fn(shared_local, x), xs_local, width, CLIENTS_AXIS)
+    acc, small = map_sum_clients(lambda x: fn(shared_local, x), xs_local, width, CLIENTS_AXIS, unroll)
     return jax.lax.psum(acc, CLIENTS_AXIS), small
 
   return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(CLIENTS_AXIS)),

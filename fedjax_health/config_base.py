@@ -17,6 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.resume = True  # resume from workdir's last checkpoint when one exists
   config.cohort_size = 0  # clients per round; 0 = all clients (cross-silo)
   config.clients_per_step = 1  # cohort-map width: 1 = lax.map/scan, cohort = full vmap
+  config.map_unroll = 1  # unroll of the scan over client chunks (True: small CNN cohorts on CPU)
   config.num_devices = 0  # > 1: shard the cohort across that many devices ('clients' mesh axis)
 
   # Input.

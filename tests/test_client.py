@@ -163,3 +163,11 @@ def test_unrolled_local_train_equals_scan():
     a, _ = client_lib.local_train(base, params, xs[c], ys[c], mask[c], jax.random.key(c))
     b, _ = client_lib.local_train(unrolled, params, xs[c], ys[c], mask[c], jax.random.key(c))
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-6), a, b)
+
+
+def test_map_sum_clients_unrolled_equals_scan():
+  xs = jnp.arange(10 * 3, dtype=jnp.float32).reshape(10, 3)
+  fn = lambda x: ({"s": jnp.sin(x)}, jnp.sum(x))
+  a = client_lib.map_sum_clients(fn, xs, 3)
+  b = client_lib.map_sum_clients(fn, xs, 3, unroll=True)
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6), a, b)

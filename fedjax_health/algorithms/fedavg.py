@@ -84,6 +84,7 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
            aggregator: agg_base.Aggregator | None = None, prox_mu: float = 0.0,
            clients_per_step: int = 1, mesh=None, grad_fn=None, projection=None, data_transform=None,
            client_ctx_fn: Callable = default_client_ctx, sampling_weights=None, unroll: int | bool = 1,
+           map_unroll: int | bool = 1,
            plan_fn: Callable | None = None) -> FederatedAlgorithm:
   """Returns the FedAvg/FedProx/FedOpt algorithm for ``model``.
 
@@ -102,6 +103,7 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     client_ctx_fn: ``(cohort, round, rng) -> per-client pytree [cohort, ...]`` passed to hooks and
       to the aggregator as ``ctx["client_ctx"]``.
     unroll: unroll of the local-step scan (True: fully; CNNs on CPU, see ``ClientTrainer``).
+    map_unroll: unroll of the streaming map over client chunks (True for small conv cohorts on CPU).
     plan_fn: optional ``(rng, sizes[C]) -> (pos, mask)`` replacing ``make_batch_plan(rng, sizes, plan)``
       (e.g. Poisson-sampled batches for DP-SGD).
   """
@@ -137,10 +139,10 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
   def _streaming_weighted_mean(shared, per_client):
     if mesh is None:
       (total, total_w), (aux, norms, finite) = client_lib.map_sum_clients(
-          lambda pc: contribution_fn(shared, pc), per_client, clients_per_step)
+          lambda pc: contribution_fn(shared, pc), per_client, clients_per_step, unroll=map_unroll)
     else:
       (total, total_w), (aux, norms, finite) = client_lib.map_sum_clients_sharded(
-          contribution_fn, shared, per_client, clients_per_step, mesh)
+          contribution_fn, shared, per_client, clients_per_step, mesh, map_unroll)
     agg = jax.tree.map(lambda t: t / jnp.maximum(total_w, 1e-12), total)
     return agg, aux, norms, {"rejected": ~finite, "num_nonfinite": jnp.sum(~finite)}
 

@@ -38,6 +38,7 @@ def build_fedavg_algorithm(config, train_ds, model, **overrides) -> fedavg_lib.F
       clients_per_step=config.clients_per_step,
       mesh=_mesh(config),
       unroll=config.client.get("unroll", 1),
+      map_unroll=config.get("map_unroll", 1),
   )
   kwargs.update(overrides)
   return fedavg_lib.fedavg(model, **kwargs)
