@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_health.client import masked_mean
+from fedjax_health.client import make_grad_fn
 from fedjax_health.models import ACTIVATIONS, Model
 
 
@@ -36,19 +36,11 @@ def sanitizing_grad_fn(example_losses: Callable, min_label_prob: float = 0.05,
     raise ValueError(f"sanitisation min_label_prob must be in (0, 1), got {min_label_prob}")
   max_loss = float(-np.log(min_label_prob))
 
-  def loss(params, anchor, x, y, keep):
-    value = masked_mean(example_losses(params, x, y), keep)
-    if regularizer is not None:
-      value = value + regularizer(params, anchor)
-    return value
-
-  vg = jax.value_and_grad(loss)
+  base = make_grad_fn(example_losses, regularizer)
 
   def grad_fn(params, anchor, x, y, mask, rng):
-    del rng
     suspicious = jax.lax.stop_gradient(example_losses(anchor, x, y)) > max_loss
-    value, grads = vg(params, anchor, x, y, mask & ~suspicious)
-    return grads, value
+    return base(params, anchor, x, y, mask & ~suspicious, rng)
 
   return grad_fn
 
