@@ -24,14 +24,12 @@ def available_bytes() -> int:
     stats = dev.memory_stats() or {}
     if "bytes_limit" in stats:
       return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-  try:
+  if os.path.exists("/proc/meminfo"):  # Linux: what can be allocated without swapping
     with open("/proc/meminfo") as f:
       for line in f:
         if line.startswith("MemAvailable:"):
           return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # elsewhere: physical memory
 
 
 def estimate_round_bytes(num_params: int, data_bytes: int, cohort: int, width: int, batch_bytes: int,
