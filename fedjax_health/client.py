@@ -82,6 +82,28 @@ def make_grad_fn(example_losses: Callable, regularizer: Callable | None = None) 
   return grad_fn
 
 
+class SGD(optax.GradientTransformation):
+  """``optax.sgd`` that remembers its hyperparameters, so the round can take the exact low-rank path.
+
+  It is an ordinary optax transformation (same init/update); ``learning_rate`` and ``momentum``
+  are read by ``algorithms.fedavg`` to pick ``lowrank`` when the model is a dense chain.
+  """
+
+  learning_rate: float
+  momentum: float
+
+
+def sgd(learning_rate: float, momentum: float = 0.0) -> SGD:
+  """Returns local SGD (heavy-ball ``momentum``, 0 = plain), tagged with its hyperparameters."""
+  if learning_rate <= 0:
+    raise ValueError(f"client learning_rate must be > 0, got {learning_rate}")
+  if not 0 <= momentum < 1:
+    raise ValueError(f"client momentum must be in [0, 1), got {momentum}")
+  t = SGD(*optax.sgd(learning_rate, momentum=momentum or None))
+  t.learning_rate, t.momentum = float(learning_rate), float(momentum)
+  return t
+
+
 @dataclasses.dataclass(frozen=True)
 class ClientTrainer:
   """What a client does locally: gradient, optimiser, and optional per-step hooks."""
@@ -177,8 +199,13 @@ def map_clients_sharded(fn: Callable, shared: PyTree, xs: PyTree, width: int, me
   return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(CLIENTS_AXIS)), out_specs=P(CLIENTS_AXIS))(shared, xs)
 
 
+def _masked_chunk_sum(contrib: PyTree, valid: jax.Array) -> PyTree:
+  return jax.tree.map(lambda c: jnp.sum(jnp.where(valid.reshape((-1,) + (1,) * (c.ndim - 1)), c, 0), axis=0),
+                      contrib)
+
+
 def map_sum_clients(fn: Callable, xs: PyTree, width: int = 1, axis_name: str | None = None,
-                    unroll: int | bool = 1) -> tuple[PyTree, PyTree]:
+                    unroll: int | bool = 1, chunk_sum: Callable | None = None) -> tuple[PyTree, PyTree]:
   """Returns (sum over clients of ``fn(x)[0]``, stacked ``fn(x)[1]``) without stacking the sums.
 
   For linear aggregation (FedAvg's weighted mean) this never materialises the ``[cohort, params]``
@@ -187,7 +214,10 @@ def map_sum_clients(fn: Callable, xs: PyTree, width: int = 1, axis_name: str | N
   ``width`` with copies of client 0 whose contributions are selected away. Inside ``shard_map``
   pass ``axis_name`` so the running sum starts as a per-device (varying) value. ``unroll`` unrolls
   the scan over chunks (small cohorts of conv nets on CPU, where loops slow convolutions down).
+  ``chunk_sum(contribs [width, ...], valid [width]) -> tree`` reduces one chunk (default: the sum of
+  the valid clients' contributions); the low-rank path uses it to sum factored deltas as one GEMM.
   """
+  chunk_sum = chunk_sum or _masked_chunk_sum
   if width < 1:
     raise ValueError(f"clients_per_step (map width) must be >= 1, got {width}")
   cohort = jax.tree.leaves(xs)[0].shape[0]
@@ -198,17 +228,16 @@ def map_sum_clients(fn: Callable, xs: PyTree, width: int = 1, axis_name: str | N
   if pad:
     xs = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, axis=0)]), xs)
   chunked = jax.tree.map(lambda a: a.reshape((n_chunks, width) + a.shape[1:]), xs)
-  contrib_shape, _ = jax.eval_shape(fn, jax.tree.map(lambda a: a[0], xs))
-  acc0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), contrib_shape)
+  contrib_shape, _ = jax.eval_shape(jax.vmap(fn), jax.tree.map(lambda a: a[:width], xs))
+  acc_shape = jax.eval_shape(chunk_sum, contrib_shape, jax.ShapeDtypeStruct((width,), jnp.bool_))
+  acc0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), acc_shape)
   if axis_name is not None:
     acc0 = jax.tree.map(lambda a: jax.lax.pcast(a, (axis_name,), to="varying"), acc0)
 
   def body(acc, inp):
     x, v = inp
     contrib, small = jax.vmap(fn)(x)
-    acc = jax.tree.map(lambda a, c: a + jnp.sum(jnp.where(v.reshape((-1,) + (1,) * (c.ndim - 1)), c, 0), axis=0),
-                       acc, contrib)
-    return acc, small
+    return jax.tree.map(jnp.add, acc, chunk_sum(contrib, v)), small
 
   if n_chunks == 1:
     acc, small = body(acc0, (jax.tree.map(lambda a: a[0], chunked), valid))
@@ -220,7 +249,7 @@ def map_sum_clients(fn: Callable, xs: PyTree, width: int = 1, axis_name: str | N
 
 
 def map_sum_clients_sharded(fn: Callable, shared: PyTree, xs: PyTree, width: int, mesh: Mesh,
-                            unroll: int | bool = 1):
+                            unroll: int | bool = 1, chunk_sum: Callable | None = None):
   """``map_sum_clients`` with the cohort split over ``mesh``'s ``'clients'`` axis (sums psum'd)."""
   n_dev = mesh.shape[CLIENTS_AXIS]
   cohort = jax.tree.leaves(xs)[0].shape[0]
@@ -229,7 +258,8 @@ def map_sum_clients_sharded(fn: Callable, shared: PyTree, xs: PyTree, width: int
 
   def body(shared_local, xs_local):
     shared_local = jax.tree.map(lambda a: jax.lax.pcast(a, (CLIENTS_AXIS,), to="varying"), shared_local)
-    acc, small = map_sum_clients(lambda x: fn(shared_local, x), xs_local, width, CLIENTS_AXIS, unroll)
+    acc, small = map_sum_clients(lambda x: fn(shared_local, x), xs_local, width, CLIENTS_AXIS, unroll,
+                                 chunk_sum)
     return jax.lax.psum(acc, CLIENTS_AXIS), small
 
   return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(CLIENTS_AXIS)),

@@ -19,6 +19,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.clients_per_step = 1  # cohort-map width: 1 = lax.map/scan, cohort = full vmap
   config.map_unroll = 1  # unroll of the scan over client chunks (True: small CNN cohorts on CPU)
   config.num_devices = 0  # > 1: shard the cohort across that many devices ('clients' mesh axis)
+  # FedAvg-family rounds: "auto" trains SGD clients of dense models as exact low-rank deltas with
+  # shared-weight GEMMs when that is smaller (fedjax_health/lowrank.py); "lowrank" insists, "off" never.
+  config.fast_path = "auto"
+  config.lowrank_width = 0  # clients per low-rank chunk; 0 = sized to the cache (CPU) / memory (GPU)
 
   # Input.
   config.dataset = ml_collections.ConfigDict()

@@ -72,6 +72,8 @@ def check_core(config, data=None) -> None:
   require(s.learning_rate > 0, "server.learning_rate", "> 0", s.learning_rate)
   require(s.tau > 0, "server.tau", "> 0", s.tau)
   require(config.clients_per_step >= 1, "clients_per_step", ">= 1", config.clients_per_step)
+  _choice(config, "fast_path", ("auto", "lowrank", "off"))
+  require(config.lowrank_width >= 0, "lowrank_width", ">= 0 (0: automatic)", config.lowrank_width)
   require(config.num_devices >= 0, "num_devices", ">= 0 (0: no sharding)", config.num_devices)
   import jax
   require(config.num_devices <= jax.device_count(), "num_devices",

@@ -39,6 +39,8 @@ def build_fedavg_algorithm(config, train_ds, model, **overrides) -> fedavg_lib.F
       mesh=_mesh(config),
       unroll=config.client.get("unroll", 1),
       map_unroll=config.get("map_unroll", 1),
+      fast_path=config.get("fast_path", "auto"),
+      lowrank_width=config.get("lowrank_width", 0) or None,
   )
   kwargs.update(overrides)
   return fedavg_lib.fedavg(model, **kwargs)

@@ -1,0 +1,194 @@
+"""Exact low-rank client deltas for SGD on dense networks: shared-weight GEMMs instead of copies.
+
+A dense layer's gradient is ``H^T G`` (its inputs times the loss gradient at its outputs), so after
+``k`` local SGD steps of batch ``b`` a client's change to that layer is ``sum_s a_s H_s^T G_s`` for
+scalar coefficients ``a_s``: rank at most ``k*b``. Plain SGD, heavy-ball momentum and FedProx's
+proximal pull all keep that form, because each step's update is a linear combination of the
+gradients seen so far (and of the delta itself, for the proximal term):
+
+    g_t = e_t + mu * a          (FedProx: the proximal gradient is mu times the delta)
+    v   = beta * v + g_t        (momentum; beta = 0 for plain SGD)
+    a   = a - lr * v
+
+with ``a`` and ``v`` coefficient vectors over the steps. A client never materialises its weights:
+
+  * forward at step t:  ``h (W + dW) = h W + sum_s (h H_s^T) (a_s G_s)``: one GEMM against the
+    *shared* weights for the whole chunk of clients (the first layer's ``x W`` for every step at
+    once), plus a correction through ``b x kb`` Gram matrices;
+  * FedAvg's weighted sum ``sum_c w_c dW_c = H_all^T (w a G)_all``: one GEMM per layer per chunk.
+
+In exact arithmetic this equals per-client training with dense weights; in float32 the two agree
+to rounding (tested against the plain path). It wins when ``k*b*(d_in + d_out)`` is small next to
+``d_in * d_out`` (cross-device clients with little data and wide layers, workload W1); otherwise
+the plain path is used (``suitable``).
+
+Supported: models that are chains of dense layers (``logreg``, ``mlp``) with an elementwise
+activation, the default masked-mean loss, local SGD built by ``client.sgd`` (any momentum), any
+``prox_mu``; FedAvg's streaming weighted mean. Anything else (custom ``grad_fn``, projections,
+data transforms, stacked aggregators, Adam) needs per-client weights and takes the plain path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_health import models as models_lib
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseChain:
+  """A model's dense layers in order (param collection names) and the activation between them."""
+
+  layers: tuple[str, ...]
+  activation: Callable[[jax.Array], jax.Array] | None
+
+
+def dense_chain(model) -> DenseChain | None:
+  """Returns the model's ``DenseChain``, or None when it is not a plain chain of dense layers."""
+  m = model.module
+  if isinstance(m, models_lib.LogisticRegression):
+    return DenseChain(("head",), None)
+  if isinstance(m, models_lib.MLP):
+    return DenseChain(tuple(f"body_{i}" for i in range(len(m.hidden))) + ("head",),
+                      models_lib.ACTIVATIONS[m.activation])
+  return None
+
+
+def factor_fraction(chain: DenseChain, params: Params, steps: int, batch: int) -> float:
+  """Returns the size of a client's factored delta over the size of its dense delta."""
+  dense = factored = 0
+  for name in chain.layers:
+    d_in, d_out = params[name]["kernel"].shape
+    dense += d_in * d_out + d_out
+    factored += steps * batch * (d_in + d_out) + d_out
+  return factored / dense
+
+
+def suitable(chain: DenseChain | None, params: Params, steps: int, batch: int, max_fraction: float = 0.5) -> bool:
+  """True when the low-rank path applies and its factors are at most ``max_fraction`` of dense."""
+  return chain is not None and factor_fraction(chain, params, steps, batch) <= max_fraction
+
+
+def _weights(params: Params, chain: DenseChain):
+  return [(params[n]["kernel"], params[n]["bias"]) for n in chain.layers]
+
+
+def _gram_sq_norm(gram_h: jax.Array, u: jax.Array) -> jax.Array:
+  """Returns ||H^T U||_F^2 from H's Gram matrix ``[k, b, k, b]`` and ``U [k, b, d]``."""
+  u2 = u.reshape(-1, u.shape[-1])
+  gram_u = u2 @ u2.T
+  return jnp.sum(gram_h.reshape(gram_u.shape) * gram_u)
+
+
+MAX_STEPS = 32  # local steps are unrolled (one GEMM per step for the whole chunk); beyond, use plain
+
+
+def local_train(chain: DenseChain, params: Params, xs: jax.Array, ys: jax.Array, mask: jax.Array, *,
+                learning_rate: float, momentum: float = 0.0, prox_mu: float = 0.0):
+  """Returns (factors, aux) of one client's local SGD from ``params``, never forming its weights.
+
+  Args:
+    xs, ys, mask: ``[steps, batch, ...]`` inputs, labels, valid-example mask (as ``client.local_train``);
+      at most ``MAX_STEPS`` steps (they are unrolled).
+  factors: per layer ``(H [k, b, d_in], U [k, b, d_out], db [d_out])`` with the client's delta
+    ``dW = H^T U`` (contracting steps and batch) and ``db``; aux: ``loss`` (mean over active steps,
+    including the proximal term as the plain path reports it), ``num_steps``, ``num_examples``,
+    ``sq_norm`` (squared norm of the whole delta, via Gram matrices).
+  """
+  k, b = mask.shape
+  if k > MAX_STEPS:
+    raise ValueError(f"the low-rank path unrolls local steps: at most {MAX_STEPS}, got {k} (use fast_path='off')")
+  x = xs.reshape(k * b, -1)
+  wb = _weights(params, chain)
+  n_layers = len(wb)
+  act = chain.activation or (lambda z: z)
+  # The first layer's product with the shared weights for every step at once (one GEMM per chunk)
+  # and the Gram matrix of the client's inputs (its blocks give the first layer's corrections).
+  z0 = (x @ wb[0][0]).reshape(k, b, -1)
+  gram_x = (x @ x.T).reshape(k, b, k, b)
+  a = jnp.zeros((k,), x.dtype)
+  v = jnp.zeros((k,), x.dtype)
+  gs: list[list[jax.Array]] = [[] for _ in wb]  # per layer, per step: dL/dz [b, d_out]
+  hs: list[list[jax.Array]] = [[] for _ in wb]  # per layer >= 1, per step: the layer's input [b, d_in]
+
+  def stacked_sq_norm(coef):
+    total = 0.0
+    for l in range(n_layers):
+      u = coef[:len(gs[l]), None, None] * jnp.stack(gs[l])
+      h = jnp.stack(hs[l]) if l else None
+      gram_h = gram_x[:len(gs[l]), :, :len(gs[l])] if l == 0 else jnp.einsum("tbi,sci->tbsc", h, h)
+      total = total + _gram_sq_norm(gram_h, u) + jnp.sum(jnp.square(jnp.sum(u, axis=(0, 1))))
+    return total
+
+  losses, actives = [], []
+  for t in range(k):
+    coef = a[:t]
+
+    def loss_fn(eps, t=t, coef=coef):
+      h, inputs = None, []
+      for l, (w, bias) in enumerate(wb):
+        if l == 0:
+          z, gram = z0[t], gram_x[t, :, :t]
+        else:
+          inputs.append(h)
+          z = h @ w
+          gram = jnp.einsum("bi,sci->bsc", h, jnp.stack(hs[l])) if t else None
+        z = z + bias
+        if t:
+          u = coef[:, None, None] * jnp.stack(gs[l])
+          z = z + jnp.einsum("bsc,sco->bo", gram, u) + jnp.sum(u, axis=(0, 1))
+        z = z + eps[l]
+        h = act(z) if l < n_layers - 1 else z
+      ex = models_lib.per_example_loss(h, ys[t])
+      mf = mask[t].astype(ex.dtype)
+      return jnp.sum(ex * mf) / jnp.maximum(jnp.sum(mf), 1.0), inputs
+
+    # zeros_like keeps x's varying-ness under shard_map: grad w.r.t. an invariant zero would be psum'd.
+    eps = [jnp.zeros_like(x, shape=(b, w.shape[1])) for w, _ in wb]
+    (loss, inputs), grads = jax.value_and_grad(loss_fn, has_aux=True)(eps)
+    if prox_mu > 0 and t:
+      loss = loss + 0.5 * prox_mu * stacked_sq_norm(coef)
+    for l in range(n_layers):
+      gs[l].append(grads[l])
+      if l:
+        hs[l].append(inputs[l - 1])
+    active = jnp.any(mask[t])
+    v_new = momentum * v + (jnp.zeros_like(a).at[t].set(1.0) + prox_mu * a)
+    a_new = a - learning_rate * v_new
+    a, v = jnp.where(active, a_new, a), jnp.where(active, v_new, v)
+    losses.append(loss)
+    actives.append(active)
+
+  factors = []
+  for l in range(n_layers):
+    u = a[:, None, None] * jnp.stack(gs[l])
+    factors.append((x.reshape(k, b, -1) if l == 0 else jnp.stack(hs[l]), u, jnp.sum(u, axis=(0, 1))))
+  losses, act_f = jnp.stack(losses), jnp.stack(actives).astype(x.dtype)
+  aux = {
+      "loss": jnp.sum(losses * act_f) / jnp.maximum(jnp.sum(act_f), 1.0),
+      "num_steps": jnp.sum(act_f).astype(jnp.int32),
+      "num_examples": jnp.sum(mask).astype(jnp.float32),
+      "sq_norm": stacked_sq_norm(a),
+  }
+  return factors, aux
+
+
+def weighted_sum(chain: DenseChain, factors, weights: jax.Array) -> Params:
+  """Returns ``sum_c weights[c] * delta_c`` as a params tree from stacked factors ``[C, k, b, .]``."""
+  out = {}
+  for name, (h, u, db) in zip(chain.layers, factors):
+    wu = u * weights[:, None, None, None]
+    out[name] = {"kernel": jnp.einsum("cksi,ckso->io", h, wu), "bias": jnp.einsum("c,co->o", weights, db)}
+  return out
+
+
+def dense_delta(chain: DenseChain, factors) -> Params:
+  """Returns one client's dense delta from its (unstacked) factors (for tests and inspection)."""
+  return {name: {"kernel": jnp.einsum("ksi,kso->io", h, u), "bias": db}
+          for name, (h, u, db) in zip(chain.layers, factors)}

@@ -1,0 +1,161 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fedjax_health import client as client_lib
+from fedjax_health import lowrank
+from fedjax_health import models
+from fedjax_health.aggregators import robust
+from fedjax_health.algorithms import fedavg as fa
+from fedjax_health.data.federated import BatchPlanSpec, from_client_arrays
+
+MODELS = [("mlp", dict(hidden=(16, 8)), 3), ("logreg", {}, 2), ("mlp", dict(hidden=(12,), activation="tanh"), 2),
+          ("mlp", dict(hidden=(6,), binary_single_logit=True), 2)]
+
+
+def _client_batch(k=4, b=3, dim=7, num_classes=3, seed=0):
+  rng = np.random.default_rng(seed)
+  xs = jnp.asarray(rng.normal(size=(k, b, dim)), jnp.float32)
+  ys = jnp.asarray(rng.integers(0, num_classes, (k, b)))
+  mask = jnp.asarray(rng.random((k, b)) > 0.3).at[2].set(False)  # ragged batches and one empty step
+  return xs, ys, mask
+
+
+@pytest.mark.parametrize("name,kw,num_classes", MODELS)
+@pytest.mark.parametrize("momentum,prox_mu", [(0.0, 0.0), (0.9, 0.0), (0.0, 0.5), (0.5, 0.3)])
+def test_local_train_equals_dense_training(name, kw, num_classes, momentum, prox_mu):
+  model = models.get_model(name, num_classes, (7,), **kw)
+  params = model.init(jax.random.key(0))
+  xs, ys, mask = _client_batch(num_classes=num_classes)
+  train = jax.jit(lambda p, x, y, m: lowrank.local_train(lowrank.dense_chain(model), p, x, y, m, learning_rate=0.3,
+                                                         momentum=momentum, prox_mu=prox_mu))
+  factors, aux = train(params, xs, ys, mask)
+  reg = client_lib.prox_regularizer(prox_mu) if prox_mu else None
+  trainer = client_lib.ClientTrainer(client_lib.make_grad_fn(model.example_losses, reg),
+                                     optax.sgd(0.3, momentum=momentum or None))
+  delta, ref_aux = client_lib.local_train(trainer, params, xs, ys, mask, jax.random.key(0))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               lowrank.dense_delta(lowrank.dense_chain(model), factors), delta)
+  np.testing.assert_allclose(aux["loss"], ref_aux["loss"], rtol=1e-5)
+  np.testing.assert_allclose(aux["sq_norm"], client_lib.tree_sq_norm(delta), rtol=1e-5)
+  assert int(aux["num_steps"]) == int(ref_aux["num_steps"]) == 3
+  assert float(aux["num_examples"]) == float(ref_aux["num_examples"])
+
+
+def test_weighted_sum_equals_sum_of_dense_deltas():
+  model = models.get_model("mlp", 3, (7,), hidden=(5,))
+  chain = lowrank.dense_chain(model)
+  params = model.init(jax.random.key(1))
+  per_client = [lowrank.local_train(chain, params, *_client_batch(seed=s), learning_rate=0.2)[0] for s in range(3)]
+  w = jnp.array([2.0, 0.5, 1.0])
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *per_client)
+  expected = jax.tree.map(lambda *d: sum(wi * di for wi, di in zip(w, d)),
+                          *[lowrank.dense_delta(chain, f) for f in per_client])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               lowrank.weighted_sum(chain, stacked, w), expected)
+
+
+def _data(sizes=(5, 9, 0, 3, 7, 4, 6, 8), dim=12, seed=0, poison=None):
+  rng = np.random.default_rng(seed)
+  arrays = [{"x": rng.normal(size=(n, dim)).astype(np.float32), "y": rng.integers(0, 3, n).astype(np.int32)}
+            for n in sizes]
+  if poison is not None:
+    arrays[poison]["x"][0, 0] = np.inf
+  return from_client_arrays(arrays)
+
+
+def _run(fast_path, ds, *, rounds=2, cohort=6, width=None, server="sgd", momentum=0.0, prox_mu=0.0, mesh=None,
+         num_steps=None):
+  model = models.get_model("mlp", 3, (ds.x.shape[1],), hidden=(16,))
+  plan = (BatchPlanSpec.create(ds.client_sizes, 2, num_epochs=None, num_steps=num_steps) if num_steps
+          else BatchPlanSpec.create(ds.client_sizes, 2, num_epochs=2))
+  alg = fa.fedavg(model, num_clients=ds.num_clients, cohort_size=cohort, plan=plan,
+                  client_opt=client_lib.sgd(0.1, momentum), prox_mu=prox_mu,
+                  server_opt=fa.server_optimizer(server, 1.0 if server == "sgd" else 0.05),
+                  fast_path=fast_path, lowrank_width=width, mesh=mesh)
+  assert alg.path == ("plain" if fast_path == "off" else "lowrank")
+  state = alg.init(model.init(jax.random.key(0)))
+  train = fa.device_train_data(ds)
+  round_fn = jax.jit(alg.round_fn)
+  history = []
+  for _ in range(rounds):
+    state, metrics = round_fn(state, train, jax.random.key(3))
+    history.append(metrics)
+  return state, history
+
+
+def _assert_same_rounds(a, b):
+  (sa, ha), (sb, hb) = a, b
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-6), sa.params, sb.params)
+  for ma, mb in zip(ha, hb):
+    assert set(ma) == set(mb)
+    for key in ma:
+      np.testing.assert_allclose(ma[key], mb[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("setting", [dict(), dict(width=1, cohort=8, momentum=0.9),
+                                     dict(width=4, prox_mu=0.3, server="adam"), dict(num_steps=5)])
+def test_round_equals_plain_path(setting):
+  ds = _data()
+  _assert_same_rounds(_run("lowrank", ds, **setting), _run("off", ds, **setting))
+
+
+def test_round_rejects_non_finite_client_like_plain_path():
+  ds = _data(poison=1)
+  low, plain = _run("lowrank", ds, cohort=8, width=3), _run("off", ds, cohort=8)
+  _assert_same_rounds(low, plain)
+  assert int(low[1][0]["num_nonfinite"]) == 1 and np.all(np.isfinite(jax.tree.leaves(low[0].params)[0]))
+
+
+def test_round_sharded_equals_single_device():
+  if len(jax.devices()) < 4:
+    pytest.skip("needs forced host devices")
+  ds = _data()
+  mesh = client_lib.make_client_mesh(4)
+  _assert_same_rounds(_run("lowrank", ds, cohort=8, width=2, mesh=mesh), _run("off", ds, cohort=8))
+
+
+def _fedavg(model, **kw):
+  ds = _data()
+  plan = BatchPlanSpec.create(ds.client_sizes, 2, num_epochs=1)
+  args = dict(num_clients=ds.num_clients, cohort_size=4, plan=plan, client_opt=client_lib.sgd(0.1))
+  args.update(kw)
+  return fa.fedavg(model, **args)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(client_opt=optax.adam(0.1)), "client optimiser is not client.sgd"),
+    (dict(client_opt=optax.sgd(0.1)), "client optimiser is not client.sgd"),
+    (dict(aggregator=robust.coordinate_median()), "stacked aggregator"),
+    (dict(projection=lambda p, a, c: p), "projection"),
+    (dict(grad_fn=client_lib.make_grad_fn(lambda p, x, y: jnp.zeros(x.shape[0]))), "custom grad_fn"),
+])
+def test_forced_lowrank_names_what_prevents_it(kw, match):
+  model = models.get_model("mlp", 3, (12,), hidden=(16,))
+  with pytest.raises(ValueError, match=match):
+    _fedavg(model, fast_path="lowrank", **kw)
+  assert _fedavg(model, fast_path="auto", **kw).path == "plain"
+
+
+def test_forced_lowrank_refuses_conv_models_and_bad_values():
+  with pytest.raises(ValueError, match="not a chain of dense layers"):
+    _fedavg(models.get_model("lenet", 3, (8, 8, 1)), fast_path="lowrank")
+  with pytest.raises(ValueError, match="fast_path must be one of"):
+    _fedavg(models.get_model("mlp", 3, (12,)), fast_path="fast")
+  with pytest.raises(ValueError, match="momentum must be in"):
+    client_lib.sgd(0.1, momentum=1.0)
+
+
+def test_auto_picks_lowrank_only_when_factors_are_small():
+  wide = BatchPlanSpec.create(np.full(4, 20), 10, num_epochs=1)  # W1 shape: k*b = 20 << 784
+  w1 = models.get_model("mlp", 10, (784,), hidden=(200,))
+  heart = models.get_model("logreg", 2, (13,))  # 13 features: any local data outranks the layer
+  args = dict(num_clients=4, cohort_size=4, client_opt=client_lib.sgd(0.1))
+  assert fa.fedavg(w1, plan=wide, **args).path == "lowrank"
+  assert fa.fedavg(heart, plan=BatchPlanSpec.create(np.full(4, 100), 4, num_epochs=None, num_steps=100),
+                   **args).path == "plain"
+  assert fa.fedavg(w1, plan=wide, fast_path="off", **args).path == "plain"
+  many_steps = BatchPlanSpec.create(np.full(4, 40), 1, num_epochs=1)  # 40 steps > MAX_STEPS
+  assert fa.fedavg(w1, plan=many_steps, **args).path == "plain"
