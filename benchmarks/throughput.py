@@ -6,6 +6,8 @@ plain SGD, FedAvg aggregation. Timed as the median of rounds after warm-up (comp
   engine[width=w]  our compiled round, cohort map of width w (1 = lax.map/scan ... 1000 = full vmap)
   python_loop      a Python loop over clients calling one jitted per-client local_train, then mean
   centralised      the limit: the same 20,000 examples as 2 SGD steps of batch 10,000, one model
+  lowrank[w]       our compiled round on the exact low-rank path (lowrank.py), chunks of w clients
+                   (0 = the automatic width); the default ("auto") path for this workload
 
   python -m benchmarks.throughput [--clients 1000] [--widths 1,8,32,128,1000] [--out benchmarks/out]
 
@@ -52,9 +54,11 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
   return statistics.median(times)
 
 
-def bench_engine(model, ds, plan, width, repeats, lr=0.1, unroll=1):
+def bench_engine(model, ds, plan, width, repeats, lr=0.1, unroll=1, fast_path="off", lowrank_width=None):
+  """Median round time of our engine; ``fast_path`` "off" = dense per-client path, "auto"/"lowrank"."""
   alg = fa.fedavg(model, num_clients=ds.num_clients, cohort_size=ds.num_clients, plan=plan,
-                  client_opt=optax.sgd(lr), clients_per_step=width, unroll=unroll, map_unroll=unroll)
+                  client_opt=client_lib.sgd(lr), clients_per_step=width, unroll=unroll, map_unroll=unroll,
+                  fast_path=fast_path, lowrank_width=lowrank_width)
   state = alg.init(model.init(jax.random.key(0)))
   train = fa.device_train_data(ds)
   round_fn = jax.jit(alg.round_fn)
@@ -112,7 +116,8 @@ def bench_centralised(model, ds, steps: int, repeats: int, lr=0.1, unroll=1):
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--clients", type=int, default=1000)
-  ap.add_argument("--widths", default="1,8,32,128,1000")
+  ap.add_argument("--widths", default="1,8,32,128,1000", help="dense-path cohort-map widths")
+  ap.add_argument("--lowrank-widths", default="0,50,100,250,1000", help="low-rank chunk widths (0 = auto)")
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--out", default="benchmarks/out")
   args = ap.parse_args()
@@ -133,7 +138,12 @@ def main():
     results["round_ms"][f"engine_width_{w}"] = 1e3 * t
     print(f"engine width {w:5d}: {1e3 * t:8.1f} ms  ({t / t_central:.2f}x limit, {t_loop / t:.2f}x faster than loop)",
           flush=True)
-  engine = {k: v for k, v in results["round_ms"].items() if k.startswith("engine")}
+  for w in [int(v) for v in args.lowrank_widths.split(",")]:
+    t = bench_engine(model, ds, plan, 1, args.repeats, fast_path="lowrank", lowrank_width=w or None)
+    results["round_ms"][f"lowrank_width_{w or 'auto'}"] = 1e3 * t
+    print(f"lowrank width {w or 'auto':>4}: {1e3 * t:8.1f} ms  ({t / t_central:.2f}x limit, "
+          f"{t_loop / t:.2f}x faster than loop)", flush=True)
+  engine = {k: v for k, v in results["round_ms"].items() if k.startswith(("engine", "lowrank"))}
   best = min(engine, key=engine.get)
   results["best"] = best
   results["ratio_best_to_centralised"] = engine[best] / results["round_ms"]["centralised"]

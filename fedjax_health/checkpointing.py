@@ -3,7 +3,10 @@
 The whole server state (a pytree) is saved every ``config.checkpoint_every`` rounds under
 ``workdir/checkpoints/<experiment>/``. A round's randomness is ``fold_in(key(seed + 1), round)``, so
 the state alone determines the rest of the run: a run killed after round k and restarted from
-its last checkpoint ends bitwise-equal to the uninterrupted run. The config that wrote the
+its last checkpoint ends bitwise-equal to the uninterrupted run.
+
+Multi-process runs: the state is replicated, so process 0 alone saves it (``process_local``: no
+cross-process barriers) and, on restart, restores it and broadcasts it to the other processes. The config that wrote the
 checkpoints is stored beside them; resuming with a config that would train differently is refused
 before anything is overwritten.
 """
@@ -52,10 +55,17 @@ def check_or_write_config(directory: str, config) -> None:
 class Checkpointer:
   """Saves and restores one experiment's server state by round number."""
 
-  def __init__(self, directory: str, max_to_keep: int = 2):
+  def __init__(self, directory: str, max_to_keep: int = 2, process_local: bool = False):
+    """``process_local``: in a multi-process run, only this process touches ``directory`` (it
+    saves host-local copies of replicated state, with no cross-process barriers)."""
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False,
-                                           create=True)
+    kwargs = {"create": True}
+    if process_local:
+      os.makedirs(self.directory, exist_ok=True)  # orbax refuses create=True with active_processes
+      kwargs["create"] = False
+      pid = jax.process_index()
+      kwargs["multiprocessing_options"] = ocp.options.MultiprocessingOptions(primary_host=pid, active_processes={pid})
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False, **kwargs)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_round(self) -> int | None:

@@ -78,9 +78,6 @@ def check_core(config, data=None) -> None:
   import jax
   require(config.num_devices <= jax.device_count(), "num_devices",
           f"<= the {jax.device_count()} devices present", config.num_devices)
-  if jax.process_count() > 1:
-    require(config.checkpoint_every == 0, "checkpoint_every", "0 in a multi-process run (not supported yet)",
-            config.checkpoint_every)
   require(config.cohort_size >= 0, "cohort_size", ">= 0 (0: all clients)", config.cohort_size)
   if data is not None:
     n = data.num_clients

@@ -52,3 +52,9 @@ def replicate(tree: Any, mesh) -> Any:
 def to_local(tree: Any) -> Any:
   """Returns this process's copy of replicated global arrays as numpy arrays."""
   return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else a, tree)
+
+
+def broadcast_from_chief(tree: Any) -> Any:
+  """Returns process 0's value of ``tree`` (numpy leaves of the same structure on every process)."""
+  from jax.experimental import multihost_utils
+  return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(tree))

@@ -108,13 +108,23 @@ def run_experiment(exp: Experiment, config, log: Callable[[str], None], write_ro
     state, train, rng = distributed.replicate((state, train, rng), mesh)
     local = distributed.to_local
   if workdir is not None and config.checkpoint_every > 0:
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints", exp.name))
-    last = ckpt.latest_round()
+    # Multi-process: the state is replicated, so process 0 alone saves it and, on resume, restores
+    # it and broadcasts it to the others (no shared filesystem needed).
+    multi = distributed.is_multiprocess()
+    if not multi or distributed.is_chief():
+      ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints", exp.name), process_local=multi)
+    last = ckpt.latest_round() if ckpt is not None else None
+    if multi:
+      last = int(distributed.broadcast_from_chief(np.int64(-1 if last is None else last)))
+      last = None if last < 0 else last
     if last is not None and config.resume:
       if last > config.num_rounds:
         raise checkpointing.CheckpointMismatchError(
             f"checkpoint of {exp.name} is at round {last} > config.num_rounds={config.num_rounds}")
-      state, start = ckpt.restore(last, state), last
+      restored = ckpt.restore(last, local(state)) if ckpt is not None else local(state)
+      if multi:
+        restored = distributed.replicate(distributed.broadcast_from_chief(restored), mesh)
+      state, start = restored, last
       log(f"[{exp.name}] resumed from the checkpoint of round {last}")
   last_eval, t0 = {}, time.time()
   for r in range(start + 1, config.num_rounds + 1):
@@ -130,7 +140,7 @@ def run_experiment(exp: Experiment, config, log: Callable[[str], None], write_ro
           f"acc={row['accuracy']:.3f} mean_client_acc={row['mean_client_accuracy']:.3f} "
           f"worst_client_acc={row['worst_client_accuracy']:.3f}{extra} ({row['time_s']:.1f}s)")
     if ckpt is not None and (r % config.checkpoint_every == 0 or r == config.num_rounds):
-      ckpt.save(r, state)
+      ckpt.save(r, local(state))
   if not last_eval:  # resumed at the final round: evaluate the restored state
     last_eval = exp.evaluate(local(state))
   if ckpt is not None:
@@ -203,7 +213,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, log: Callable[
   streaming = config.algorithm in ("fedavg", "fedprox", "fedopt", "local", "pooled")
   resources.check_round_fits(config, data, model, stacked=not streaming)
   if distributed.is_multiprocess() and not distributed.is_chief():
-    # Every process computes the same replicated results; only process 0 writes and logs.
+    # Every process computes the same replicated results; only process 0 writes, logs and checkpoints.
     workdir, log = tempfile.mkdtemp(prefix=f"fedjax_health_p{jax.process_index()}_"), (lambda s: None)
   os.makedirs(workdir, exist_ok=True)
   metrics_path = os.path.join(workdir, "metrics.jsonl")

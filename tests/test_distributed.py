@@ -1,6 +1,7 @@
 """Two processes on localhost (jax.distributed, gloo) end with the single-process model."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,22 +30,46 @@ def _params(workdir):
     return {k: f[k] for k in f.files}
 
 
-@pytest.mark.slow
-def test_two_processes_equal_single_process(tmp_path):
-  single = str(tmp_path / "single")
-  out = subprocess.run([sys.executable, "-m", "launch.main", *ARGS, f"--workdir={single}"], cwd=ROOT,
+def _run_single(workdir, *extra):
+  out = subprocess.run([sys.executable, "-m", "launch.main", *ARGS, f"--workdir={workdir}", *extra], cwd=ROOT,
                        env=_env(), capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  multi = str(tmp_path / "multi")
+
+
+def _run_two(workdir, *extra):
   port = _free_port()
-  procs = [subprocess.Popen([sys.executable, "-m", "launch.main", *ARGS, f"--workdir={multi}",
+  procs = [subprocess.Popen([sys.executable, "-m", "launch.main", *ARGS, f"--workdir={workdir}", *extra,
                              "--num_processes=2", f"--process_id={i}", f"--coordinator_address=localhost:{port}"],
                             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (so, se) in zip(procs, outs):
     assert p.returncode == 0, se[-3000:]
-  assert "devices=2" in outs[0][0]  # the chief saw both processes' devices
+  return outs[0][0]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_single_process(tmp_path):
+  single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+  _run_single(single)
+  assert "devices=2" in _run_two(multi)  # the chief saw both processes' devices
+  a, b = _params(single), _params(multi)
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_two_processes_checkpoint_and_resume(tmp_path):
+  """Rounds 1-2 with checkpoints (process 0 saves), then a restart to round 3 from the checkpoint of
+  round 1 (round 2's deleted, as if killed mid-save): equals 3 uninterrupted rounds."""
+  single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+  _run_single(single)
+  _run_two(multi, "--config.num_rounds=2", "--config.checkpoint_every=1")
+  ckpts = os.path.join(multi, "checkpoints", "fedavg")
+  assert sorted(os.listdir(ckpts)) == ["1", "2"]
+  shutil.rmtree(os.path.join(ckpts, "2"))
+  log = _run_two(multi, "--config.checkpoint_every=1")
+  assert "resumed from the checkpoint of round 1" in log
   a, b = _params(single), _params(multi)
   for k in a:
     np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
