@@ -11,7 +11,7 @@ report achieved GFLOP/s and estimated GB/s of our round against them.
   bash benchmarks/setup_baselines.sh          # once (~3 min, ~2 GB)
   python -m benchmarks.compare [--skip-flower] [--out benchmarks/out]
 
-Writes compare.json and prints a markdown table of round times and ratios. Never run in CI.
+Writes compare.json, compare.png and prints a markdown table of round times and ratios. Never run in CI.
 """
 
 from __future__ import annotations
@@ -75,6 +75,32 @@ def run_baseline(venv: str, script: str, workload: str, extra=()) -> dict | None
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+LABELS = {"ours": "ours", "ours_dense_path": "ours, dense path", "centralised": "centralised limit",
+          "python_loop": "Python loop", "fedjax": "FedJAX 0.0.17", "flower": "Flower"}
+
+
+def plot(report: dict, path: str) -> None:
+  """Writes a bar chart of round times (log scale), one panel per workload."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  wls = list(report["workloads"])
+  fig, axes = plt.subplots(1, len(wls), figsize=(5.5 * len(wls), 3.2), squeeze=False)
+  for ax, wl in zip(axes[0], wls):
+    r = report["workloads"][wl]["round_s"]
+    keys = [k for k in LABELS if k in r]
+    ax.barh([LABELS[k] for k in keys], [r[k] * 1e3 for k in keys],
+            color=["tab:orange" if k.startswith("ours") else "tab:gray" for k in keys])
+    for i, k in enumerate(keys):
+      ax.text(r[k] * 1e3, i, f" {r[k] * 1e3:,.0f} ms", va="center", fontsize=8)
+    vals = [r[k] * 1e3 for k in keys]
+    ax.set(xscale="log", xlabel="round time (ms, log)", title=f"{wl} ({report['machine']})",
+           xlim=(min(vals) / 4, max(vals) * 4))
+    ax.invert_yaxis()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--workloads", default="w1,cnn")
@@ -84,7 +110,12 @@ def main():
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--out", default="benchmarks/out")
   ap.add_argument("--tag", default="", help="suffix of the output json")
+  ap.add_argument("--plot-only", default="", help="redraw the PNG from an existing compare JSON")
   args = ap.parse_args()
+  if args.plot_only:
+    with open(args.plot_only) as f:
+      plot(json.load(f), args.plot_only.replace(".json", ".png"))
+    return
   peaks = {"matmul_gflops": matmul_peak_gflops(), "memcopy_gbs": memcopy_peak_gbs()}
   print(f"machine peaks: matmul {peaks['matmul_gflops']:.1f} GFLOP/s, memory copy {peaks['memcopy_gbs']:.1f} GB/s")
   report = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {jax.default_backend()}", "peaks": peaks,
@@ -135,6 +166,7 @@ def main():
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, f"compare{args.tag}.json"), "w") as fjson:
     json.dump(report, fjson, indent=2)
+  plot(report, os.path.join(args.out, f"compare{args.tag}.png"))
 
 
 if __name__ == "__main__":

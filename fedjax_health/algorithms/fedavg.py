@@ -259,9 +259,9 @@ def _use_lowrank(fast_path: str, chain, model, plan: BatchPlanSpec, **setting) -
 def _lowrank_width(model, plan: BatchPlanSpec, cohort: int) -> int:
   """Returns clients per low-rank chunk: factors of ~8 MB on CPU (cache-sized), ~512 MB on accelerators.
 
-  Measured on W1 (2-core CPU): chunks of 50-100 clients run the round at 1.07x the centralised
-  limit, 250 at 1.35x, 1000 at 2.3x. The width is then evened out so padding stays below one
-  client per chunk.
+  Measured on W1 (2-core CPU, ``benchmarks.throughput``): chunks of 50-100 clients run the round at
+  1.16x the centralised limit, 250 at 1.47x, 1000 at 2.35x. The width is then evened out so
+  padding stays below one client per chunk.
   """
   shapes = jax.eval_shape(model.init, jax.random.key(0))
   per_client = 4 * plan.num_steps * plan.batch_size * sum(sum(a.shape) for a in jax.tree.leaves(shapes) if a.ndim == 2)
