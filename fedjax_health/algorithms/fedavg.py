@@ -129,7 +129,8 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
   use_lowrank = _use_lowrank(fast_path, chain, model, plan, streaming=streaming, custom_grad=custom_grad,
                              projection=projection, data_transform=data_transform, client_opt=client_opt)
   if use_lowrank:
-    width = lowrank_width or _lowrank_width(model, plan, cohort_size)
+    per_device = cohort_size // (mesh.shape[client_lib.CLIENTS_AXIS] if mesh is not None else 1)
+    width = lowrank_width or _lowrank_width(model, plan, max(per_device, 1))
     if width < 1:
       raise ValueError(f"lowrank_width must be >= 1, got {width}")
 
