@@ -21,12 +21,9 @@ import json
 import os
 import platform
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 
 from benchmarks.baselines.workloads import WORKLOADS, make_data
 from benchmarks.throughput import bench_centralised, bench_engine, bench_python_loop, median_time

@@ -28,7 +28,6 @@ def measure(workload: str, cohort: int, width: int, repeats: int) -> dict:
 
   import jax
   import numpy as np
-  import optax
 
   from benchmarks.throughput import w1_dataset
   from fedjax_health import client as client_lib

@@ -46,7 +46,7 @@ from fedjax_health import client as client_lib  # noqa: E402
 from fedjax_health import metrics as metrics_lib  # noqa: E402
 from fedjax_health import simulation  # noqa: E402
 from fedjax_health.aggregators import base as agg_base  # noqa: E402
-from fedjax_health.aggregators import detection, robust  # noqa: E402
+from fedjax_health.aggregators import detection  # noqa: E402
 from fedjax_health.algorithms import fedavg as fedavg_lib  # noqa: E402
 from fedjax_health.algorithms.registry import build_fedavg_algorithm  # noqa: E402
 from fedjax_health.attacks import attack_defense as ad  # noqa: E402
@@ -495,7 +495,7 @@ def claims_markdown(results: list[dict]) -> str:
     out.append("- Detection TPR, backdoor + PGD + replacement vs edge-case + PGD (vs the attackers behaving honestly): " +
                "; ".join(f"{d} {c('backdoor+pgd+repl', d, 'tpr'):.2f} vs {c('edge_case+pgd', d, 'tpr'):.2f} "
                          f"({c('none', d, 'tpr'):.2f})" for d in det) +
-               f". Edge-case ASR under those detectors: " +
+               ". Edge-case ASR under those detectors: " +
                ", ".join(f"{d} {c('edge_case+pgd', d, 'asr_edge'):.2f}" for d in det) +
                f" (FedAvg {c('edge_case+pgd', 'mean', 'asr_edge'):.2f}, pre-trained "
                f"{mean_of(res['pretrained'], 'asr_edge'):.2f}).")

@@ -19,7 +19,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -32,7 +31,7 @@ from fedjax_health import plugins
 from fedjax_health import resources
 from fedjax_health.config_validation import validate_config
 from fedjax_health.data import registry as data_registry
-from fedjax_health.data.federated import BatchPlanSpec, FederatedData, FederatedDataset
+from fedjax_health.data.federated import BatchPlanSpec, FederatedData
 
 Params = Any
 

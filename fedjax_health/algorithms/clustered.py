@@ -39,7 +39,7 @@ from fedjax_health.aggregators import base as agg_base
 from fedjax_health.aggregators import clustered as agg_clustered
 from fedjax_health.algorithms import fedavg as fedavg_lib
 from fedjax_health.algorithms import state as state_lib
-from fedjax_health.algorithms.personalized import example_outputs
+from fedjax_health.algorithms.personal_eval import example_outputs
 from fedjax_health.data.federated import FederatedData, make_batch_plan, sample_cohort
 from fedjax_health.simulation import Experiment, build_plan, register_algorithm
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dm_pix
 import jax
-import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -158,7 +157,7 @@ def build_privacy(config, data) -> dict:
   out = {"cohort_size": m, "client_noise": None, "patient_noise": None}
 
   # Client level.
-  client_event = None
+  client_event = None  # no client-level DP
   if c.mechanism != "none":
     kind = "local" if c.mechanism == "local" else c.sampling
 

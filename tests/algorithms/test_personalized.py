@@ -11,6 +11,7 @@ from fedjax_health import client as client_lib
 from fedjax_health import config_validation, models, simulation
 from fedjax_health.aggregators import base as agg_base
 from fedjax_health.algorithms import fedavg as fa
+from fedjax_health.algorithms import personal_eval as pe
 from fedjax_health.algorithms import personalized as pz
 from fedjax_health.algorithms import state as state_lib
 from fedjax_health.config_base import base_config
@@ -214,11 +215,11 @@ def test_interpolation_lambda1_is_finetuning_and_chosen_by_validation():
   config = _config("interpolation", rounds=1)
   config.personalization.interpolation_lambdas = (0.0, 1.0)
   exp = pz.build_interpolation(config, data, model)[0]
-  fit, _ = pz.split_validation(data.train, config.personalization.val_fraction, seed=0)
+  fit, _ = pe.split_validation(data.train, config.personalization.val_fraction, seed=0)
   assert exp.train["sizes"].tolist() == fit.client_sizes.tolist()  # trains on the fit part only
   params = model.init(jax.random.key(1))
-  grid = pz.make_finetune(model, fit, optax.sgd(0.1), 2, 1, lambdas=(0.0, 1.0))(params, jax.random.key(4))
-  plain = pz.make_finetune(model, fit, optax.sgd(0.1), 2, 1)(params, jax.random.key(4))
+  grid = pe.make_finetune(model, fit, optax.sgd(0.1), 2, 1, lambdas=(0.0, 1.0))(params, jax.random.key(4))
+  plain = pe.make_finetune(model, fit, optax.sgd(0.1), 2, 1)(params, jax.random.key(4))
   _close(jax.tree.map(lambda g: g[:, 1], grid), plain)  # lambda = 1: own data only = fine-tuning
   assert not np.allclose(np.asarray(jax.tree.leaves(grid)[0][:, 0]), np.asarray(jax.tree.leaves(plain)[0]))
   out = exp.evaluate(exp.init_state)
@@ -233,7 +234,7 @@ def test_mixture_gradient_is_the_lambda_mix_of_the_two_halves(lam):
   x = jnp.asarray(rng.normal(size=(6, DIM)), jnp.float32)
   y = jnp.asarray(rng.integers(0, CLASSES, 6), jnp.int32)
   m = jnp.asarray([True, True, False, True, True, True])
-  grads, _ = pz.mixture_grad_fn(model.example_losses, lam, 3)(params, None, x, y, m, None)
+  grads, _ = pe.mixture_grad_fn(model.example_losses, lam, 3)(params, None, x, y, m, None)
   mean_loss = lambda p, xs, ys: jnp.mean(model.example_losses(p, xs, ys))
   g_own = jax.grad(mean_loss)(params, x[:2], y[:2])  # own half, masked slot dropped
   g_pool = jax.grad(mean_loss)(params, x[3:], y[3:])
@@ -242,11 +243,11 @@ def test_mixture_gradient_is_the_lambda_mix_of_the_two_halves(lam):
 
 def test_validation_choice_matches_loop():
   data, model = _data(), _model()
-  fit, val = pz.split_validation(data.train, 0.4, seed=0)
+  fit, val = pe.split_validation(data.train, 0.4, seed=0)
   keys = jax.random.split(jax.random.key(0), N * 3)
   stacked = jax.vmap(model.init)(keys)
   stacked = jax.tree.map(lambda p: p.reshape((N, 3) + p.shape[1:]), stacked)
-  pick = np.asarray(pz.make_validation_choice(model, val, 3)(stacked))
+  pick = np.asarray(pe.make_validation_choice(model, val, 3)(stacked))
   for c in range(N):
     d = val.client(c)
     logits = [model.apply(jax.tree.map(lambda p: p[c, g], stacked), d["x"]) for g in range(3)]
@@ -256,20 +257,20 @@ def test_validation_choice_matches_loop():
 
 def test_split_validation_partitions_each_client():
   ds = _ds(sizes=(1, 2, 10))
-  fit, val = pz.split_validation(ds, 0.3, seed=0)
+  fit, val = pe.split_validation(ds, 0.3, seed=0)
   np.testing.assert_array_equal(fit.client_sizes, [1, 1, 7])
   np.testing.assert_array_equal(val.client_sizes, [0, 1, 3])
   for c in range(3):
     rows = np.concatenate([fit.client(c)["x"], val.client(c)["x"]])
     assert sorted(map(tuple, rows)) == sorted(map(tuple, ds.client(c)["x"]))
   with pytest.raises(ValueError, match="fraction"):
-    pz.split_validation(ds, 1.0)
+    pe.split_validation(ds, 1.0)
 
 
 def test_personal_evaluate_matches_per_client_loop():
   data, model = _data(), _model()
   stacked = jax.vmap(model.init)(jax.random.split(jax.random.key(3), N))
-  out = pz.make_personal_evaluate(model, data, width=2)(stacked)
+  out = pe.make_personal_evaluate(model, data, width=2)(stacked)
   accs, correct = [], []
   for c in range(N):
     d = data.test.client(c)
@@ -286,7 +287,7 @@ def test_personal_evaluate_matches_per_client_loop():
 def test_finetune_equals_local_training_from_global():
   data, model = _data(), _model()
   params = model.init(jax.random.key(0))
-  ft = pz.make_finetune(model, data.train, optax.sgd(0.1), 2, 1)
+  ft = pe.make_finetune(model, data.train, optax.sgd(0.1), 2, 1)
   out = ft(params, jax.random.key(4))
   plan = BatchPlanSpec.create(data.train.client_sizes, 2, num_epochs=1)
   k_plan, k_train, _ = jax.random.split(jax.random.key(4), 3)

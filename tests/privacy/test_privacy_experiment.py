@@ -6,8 +6,6 @@ import math
 import os
 import sys
 
-import jax
-import numpy as np
 import pytest
 from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant
