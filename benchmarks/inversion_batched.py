@@ -31,6 +31,7 @@ import optax
 
 from fedjax_health import models
 from fedjax_health.attacks import inversion as inv
+from fedjax_health.attacks import inversion_objective as ino
 from fedjax_health.data import heart_disease, medmnist
 
 
@@ -51,7 +52,7 @@ def workload(name: str, victims: int):
     m = models.get_model("mlp" if name == "mlp_images" else "lenet", 2, (16, 16, 1), **kw)
     shape, bounds = (16, 16, 1), (0.0, 1.0)
   params = m.init(jax.random.key(0))
-  observed = jax.jit(jax.vmap(lambda xb, yb: jax.grad(lambda p: inv.batch_mean_loss(m.apply, p, xb, yb))(params)))(x, y)
+  observed = jax.jit(jax.vmap(lambda xb, yb: jax.grad(lambda p: ino.batch_mean_loss(m.apply, p, xb, yb))(params)))(x, y)
   return m, params, shape, bounds, observed
 
 
@@ -66,16 +67,16 @@ def best_of(fn, repeats: int) -> float:
 
 def per_step_runner(m, spec, params):
   """Returns ``run(observed, keys, n)``: n victims one at a time, a Python loop over jitted optimiser steps."""
-  opt = inv.attack_optimizer(spec)
+  opt = ino.attack_optimizer(spec)
 
   @jax.jit
   def step(z, s, obs, fixed):
-    g = jax.grad(lambda z: inv.inversion_objective(m.apply, spec, params, obs, z, fixed))(z)
+    g = jax.grad(lambda z: ino.inversion_objective(m.apply, spec, params, obs, z, fixed))(z)
     u, s = opt.update(g, s, z)
-    return inv.project_dummy(spec, optax.apply_updates(z, u)), s
+    return ino.project_dummy(spec, optax.apply_updates(z, u)), s
 
-  label_of = jax.jit(lambda obs: inv.fixed_labels(spec, obs))
-  init = jax.jit(lambda key: inv.initial_dummy(spec, jax.random.split(key, 1)[0], False))
+  label_of = jax.jit(lambda obs: ino.fixed_labels(spec, obs))
+  init = jax.jit(lambda key: ino.initial_dummy(spec, jax.random.split(key, 1)[0], False))
 
   def run(observed, keys, n):
     out = []
@@ -86,7 +87,7 @@ def per_step_runner(m, spec, params):
       s = opt.init(z)
       for _ in range(spec.num_steps):
         z, s = step(z, s, obs, fixed)
-      out.append(inv.project_dummy(spec, z)["x"])
+      out.append(ino.project_dummy(spec, z)["x"])
     return out
 
   return run

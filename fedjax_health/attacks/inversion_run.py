@@ -32,6 +32,7 @@ from fedjax_health.aggregators.base import UpdateTransform, chain, weighted_mean
 from fedjax_health.algorithms import fedavg as fedavg_lib
 from fedjax_health.algorithms.registry import build_fedavg_algorithm
 from fedjax_health.attacks import inversion as inv
+from fedjax_health.attacks import inversion_objective as ino
 from fedjax_health.attacks import inversion_metrics as im
 from fedjax_health.config_validation import register_check, require, validate_config
 from fedjax_health.data import heart_disease
@@ -75,9 +76,9 @@ def check_inversion(config, data=None) -> None:
   require("inversion" in config, "inversion", "a section (fedjax_health.attacks.inversion_run.inversion_config())", None)
   c = config.inversion
   require(c.attack in ATTACKS, "inversion.attack", f"one of {sorted(ATTACKS)}", c.attack)
-  require(c.optimizer in ("",) + inv.OPTIMIZERS, "inversion.optimizer", f"'' or one of {inv.OPTIMIZERS}", c.optimizer)
-  require(c.distance in ("",) + inv.DISTANCES, "inversion.distance", f"'' or one of {inv.DISTANCES}", c.distance)
-  require(c.labels in ("",) + inv.LABEL_MODES, "inversion.labels", f"'' or one of {inv.LABEL_MODES}", c.labels)
+  require(c.optimizer in ("",) + ino.OPTIMIZERS, "inversion.optimizer", f"'' or one of {ino.OPTIMIZERS}", c.optimizer)
+  require(c.distance in ("",) + ino.DISTANCES, "inversion.distance", f"'' or one of {ino.DISTANCES}", c.distance)
+  require(c.labels in ("",) + ino.LABEL_MODES, "inversion.labels", f"'' or one of {ino.LABEL_MODES}", c.labels)
   for name in ("num_steps", "num_restarts", "num_victims", "batch_size", "local_steps", "secure_agg_group"):
     require(int(c[name]) >= 1, f"inversion.{name}", ">= 1", c[name])
   require(c.learning_rate > 0, "inversion.learning_rate", "> 0", c.learning_rate)

@@ -12,6 +12,7 @@ import pytest
 from fedjax_health import client as client_lib
 from fedjax_health import models
 from fedjax_health.attacks import inversion as inv
+from fedjax_health.attacks import inversion_objective as ino
 from fedjax_health.attacks import inversion_metrics as im
 from fedjax_health.data import medmnist
 
@@ -35,7 +36,7 @@ def mlp():
 
 def grads_of(model, params, x, y):
   """Returns stacked per-victim gradients of the batch mean loss, ``[V, ...]``."""
-  return jax.vmap(lambda xb, yb: jax.grad(lambda p: inv.batch_mean_loss(model.apply, p, xb, yb))(params))(x, y)
+  return jax.vmap(lambda xb, yb: jax.grad(lambda p: ino.batch_mean_loss(model.apply, p, xb, yb))(params))(x, y)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -51,16 +52,16 @@ def test_distances_match_numpy():
   a, b = _random_tree(0), _random_tree(1)
   fa = np.concatenate([a["a"].ravel(), a["b"]["c"]]).astype(np.float64)
   fb = np.concatenate([b["a"].ravel(), b["b"]["c"]]).astype(np.float64)
-  np.testing.assert_allclose(inv.l2_distance(a, b), np.sum((fa - fb) ** 2), rtol=1e-5)
-  np.testing.assert_allclose(inv.cosine_distance(a, b), 1 - fa @ fb / np.linalg.norm(fa) / np.linalg.norm(fb), atol=1e-6)
-  np.testing.assert_allclose(inv.cosine_distance(a, jax.tree.map(lambda t: 3 * t, a)), 0.0, atol=1e-6)
+  np.testing.assert_allclose(ino.l2_distance(a, b), np.sum((fa - fb) ** 2), rtol=1e-5)
+  np.testing.assert_allclose(ino.cosine_distance(a, b), 1 - fa @ fb / np.linalg.norm(fa) / np.linalg.norm(fb), atol=1e-6)
+  np.testing.assert_allclose(ino.cosine_distance(a, jax.tree.map(lambda t: 3 * t, a)), 0.0, atol=1e-6)
 
 
 def test_total_variation_matches_loop():
   x = np.random.default_rng(0).uniform(size=(2, 4, 5, 3)).astype(np.float32)
   dx = [abs(x[b, i + 1, j, c] - x[b, i, j, c]) for b in range(2) for i in range(3) for j in range(5) for c in range(3)]
   dy = [abs(x[b, i, j + 1, c] - x[b, i, j, c]) for b in range(2) for i in range(4) for j in range(4) for c in range(3)]
-  np.testing.assert_allclose(inv.total_variation(jnp.asarray(x)), np.mean(dx) + np.mean(dy), rtol=1e-5)
+  np.testing.assert_allclose(ino.total_variation(jnp.asarray(x)), np.mean(dx) + np.mean(dy), rtol=1e-5)
 
 
 @pytest.mark.parametrize("num_classes,single_logit", [(5, False), (2, False), (2, True)])
@@ -73,9 +74,9 @@ def test_idlg_label_is_exact_for_every_label(num_classes, single_logit):
   @jax.jit
   def labels_read(seed, y):
     p = m.init(jax.random.key(seed))
-    g = jax.grad(lambda p: inv.batch_mean_loss(m.apply, p, x, y))(p)
-    update = inv.simulate_upload(m.apply, spec, p, x, y, optax.sgd(0.5))
-    return inv.idlg_label(inv.head_bias(g)), inv.idlg_label(-inv.head_bias(update))
+    g = jax.grad(lambda p: ino.batch_mean_loss(m.apply, p, x, y))(p)
+    update = ino.simulate_upload(m.apply, spec, p, x, y, optax.sgd(0.5))
+    return ino.idlg_label(ino.head_bias(g)), ino.idlg_label(-ino.head_bias(update))
 
   for seed, label in itertools.product(range(3), range(num_classes)):
     from_grad, from_update = labels_read(seed, jnp.array([label]))
@@ -87,7 +88,7 @@ def test_soft_one_hot_labels_equal_integer_labels():
     m = models.get_model("mlp", 2, (4,), hidden=(3,), binary_single_logit=single)
     p, x = m.init(jax.random.key(0)), jax.random.normal(jax.random.key(1), (3, 4))
     y = jnp.array([0, 1, 1])
-    loss = jax.jit(lambda y: inv.batch_mean_loss(m.apply, p, x, y))
+    loss = jax.jit(lambda y: ino.batch_mean_loss(m.apply, p, x, y))
     np.testing.assert_allclose(loss(y), loss(jax.nn.one_hot(y, 2)), rtol=1e-6)
 
 
@@ -100,7 +101,7 @@ def test_simulated_update_equals_engine_local_train(local_batch):
   opt = optax.sgd(0.3, momentum=0.9)
   spec = inv.InversionSpec(3, (5,), 3, observation="update", local_steps=3, local_batch_size=local_batch, bounds=None,
                            labels="given")
-  got = jax.jit(lambda p: inv.simulate_upload(m.apply, spec, p, x, y, opt))(p)
+  got = jax.jit(lambda p: ino.simulate_upload(m.apply, spec, p, x, y, opt))(p)
   b = local_batch or 3
   idx = np.array([[(s * b + i) % 3 for i in range(b)] for s in range(3)])
   trainer = client_lib.ClientTrainer(client_lib.make_grad_fn(m.example_losses), opt)
@@ -217,7 +218,7 @@ def test_per_victim_params_and_given_labels(breast, mlp):
   (x, y), (m, _) = breast, mlp
   x, y = x[:2], y[:2]
   ps = jax.vmap(m.init)(jax.random.split(jax.random.key(5), 2))
-  g = jax.vmap(lambda p, xb, yb: jax.grad(lambda q: inv.batch_mean_loss(m.apply, q, xb, yb))(p))(ps, x, y)
+  g = jax.vmap(lambda p, xb, yb: jax.grad(lambda q: ino.batch_mean_loss(m.apply, q, xb, yb))(p))(ps, x, y)
   spec = inv.inverting_gradients_spec(1, SHAPE, 2, num_steps=100, num_restarts=1, labels="given")
   rec = inv.invert_victims(m, ps, g, jax.random.key(0), spec, labels=y, per_victim_params=True)
   np.testing.assert_array_equal(rec.labels, y)
@@ -230,7 +231,7 @@ def test_unrolled_update_attack_beats_treating_the_update_as_a_gradient(breast, 
   x, y = x[:2], y[:2]
   opt = optax.sgd(1.0)
   base = inv.InversionSpec(1, SHAPE, 2, observation="update", local_steps=5)
-  updates = jax.vmap(lambda xb, yb: inv.simulate_upload(m.apply, base, p, xb, yb, opt))(x, y)
+  updates = jax.vmap(lambda xb, yb: ino.simulate_upload(m.apply, base, p, xb, yb, opt))(x, y)
   unrolled = inv.inverting_gradients_spec(1, SHAPE, 2, num_steps=100, num_restarts=1, observation="update", local_steps=5)
   rec = inv.invert_victims(m, p, updates, jax.random.key(0), unrolled, victim_optimizer=opt)
   naive = inv.invert_victims(m, p, jax.tree.map(jnp.negative, updates), jax.random.key(0),
@@ -259,5 +260,5 @@ def test_idlg_wrapper_reads_the_label_and_matches(breast, mlp):
   rec = inv.idlg(m, p, g, jax.random.key(0), input_shape=SHAPE, num_classes=2, num_steps=100, optimizer="adam",
                  learning_rate=0.1, bounds=(0.0, 1.0))
   assert int(rec.labels[0]) == int(y[0, 0])
-  assert float(rec.objective) < 1e-4 * float(inv.l2_distance(g, jax.tree.map(jnp.zeros_like, g)))
+  assert float(rec.objective) < 1e-4 * float(ino.l2_distance(g, jax.tree.map(jnp.zeros_like, g)))
   assert im.image_metrics(rec.x[None], x[:1])["psnr"].min() >= PSNR_THRESHOLD_DB  # measured 51 dB
