@@ -50,6 +50,7 @@ class Experiment:
   train: dict
   evaluate: Callable[[Any], dict]
   params_of: Callable[[Any], Params] = lambda s: s.params
+  round_path: str = ""  # how the round trains clients, when it matters ("plain" or "lowrank")
 
 
 ALGORITHMS: dict[str, Callable[[ml_collections.ConfigDict, FederatedData, models.Model], list[Experiment]]] = {}
@@ -125,6 +126,8 @@ def run_experiment(exp: Experiment, config, log: Callable[[str], None], write_ro
         restored = distributed.replicate(distributed.broadcast_from_chief(restored), mesh)
       state, start = restored, last
       log(f"[{exp.name}] resumed from the checkpoint of round {last}")
+  if exp.round_path:
+    log(f"[{exp.name}] client training path: {exp.round_path}")
   last_eval, t0 = {}, time.time()
   for r in range(start + 1, config.num_rounds + 1):
     state, round_metrics = round_fn(state, train, rng)

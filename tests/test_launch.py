@@ -43,6 +43,7 @@ def test_launcher_writes_outputs(tmp_path):
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "round    3/3" in out.stdout
+  assert "client training path: plain" in out.stdout  # logistic regression on 13 features: dense
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert [r["round"] for r in rows] == [1, 2, 3]
   for key in ("accuracy", "mean_client_accuracy", "worst_client_accuracy", "auc", "train_loss"):

@@ -50,7 +50,7 @@ def _single(name, config, train_ds, model, evaluate) -> Experiment:
   alg = build_fedavg_algorithm(config, train_ds, model)
   state = alg.init(model.init(jax.random.key(config.seed)))
   return Experiment(name, state, alg.round_fn, fedavg_lib.device_train_data(train_ds),
-                    lambda st: evaluate(st.params))
+                    lambda st: evaluate(st.params), round_path=alg.path)
 
 
 @register_algorithm("fedavg")
