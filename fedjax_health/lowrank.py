@@ -26,6 +26,12 @@ Supported: models that are chains of dense layers (``logreg``, ``mlp``) with an 
 activation, the default masked-mean loss, local SGD built by ``client.sgd`` (any momentum), any
 ``prox_mu``; FedAvg's streaming weighted mean. Anything else (custom ``grad_fn``, projections,
 data transforms, stacked aggregators, Adam) needs per-client weights and takes the plain path.
+Local steps are unrolled in Python (at most ``MAX_STEPS``), so step t's correction uses only the
+t earlier steps and no padded buffers.
+
+Measured on W1 (1000 clients x 20 examples, MLP 784-200-10, 2-core CPU): 117-123 ms per round,
+1.16-1.26x the centralised limit, against 359-367 ms for dense per-client training
+(``python -m benchmarks.compare``, ``python -m benchmarks.throughput``).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import jax.numpy as jnp
 from fedjax_health import models as models_lib
 
 Params = Any
+MAX_STEPS = 32  # local steps are unrolled (one GEMM per step for the whole chunk); beyond, use plain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +91,6 @@ def _gram_sq_norm(gram_h: jax.Array, u: jax.Array) -> jax.Array:
   u2 = u.reshape(-1, u.shape[-1])
   gram_u = u2 @ u2.T
   return jnp.sum(gram_h.reshape(gram_u.shape) * gram_u)
-
-
-MAX_STEPS = 32  # local steps are unrolled (one GEMM per step for the whole chunk); beyond, use plain
 
 
 def local_train(chain: DenseChain, params: Params, xs: jax.Array, ys: jax.Array, mask: jax.Array, *,
