@@ -199,7 +199,8 @@ def map_clients_sharded(fn: Callable, shared: PyTree, xs: PyTree, width: int, me
   return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(CLIENTS_AXIS)), out_specs=P(CLIENTS_AXIS))(shared, xs)
 
 
-def _masked_chunk_sum(contrib: PyTree, valid: jax.Array) -> PyTree:
+def masked_chunk_sum(contrib: PyTree, valid: jax.Array) -> PyTree:
+  """Returns the sum over axis 0 of the valid clients' entries of every leaf."""
   return jax.tree.map(lambda c: jnp.sum(jnp.where(valid.reshape((-1,) + (1,) * (c.ndim - 1)), c, 0), axis=0),
                       contrib)
 
@@ -217,7 +218,7 @@ def map_sum_clients(fn: Callable, xs: PyTree, width: int = 1, axis_name: str | N
   ``chunk_sum(contribs [width, ...], valid [width]) -> tree`` reduces one chunk (default: the sum of
   the valid clients' contributions); the low-rank path uses it to sum factored deltas as one GEMM.
   """
-  chunk_sum = chunk_sum or _masked_chunk_sum
+  chunk_sum = chunk_sum or masked_chunk_sum
   if width < 1:
     raise ValueError(f"clients_per_step (map width) must be >= 1, got {width}")
   cohort = jax.tree.leaves(xs)[0].shape[0]

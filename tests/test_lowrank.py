@@ -159,3 +159,42 @@ def test_auto_picks_lowrank_only_when_factors_are_small():
   assert fa.fedavg(w1, plan=wide, fast_path="off", **args).path == "plain"
   many_steps = BatchPlanSpec.create(np.full(4, 40), 1, num_epochs=1)  # 40 steps > MAX_STEPS
   assert fa.fedavg(w1, plan=many_steps, **args).path == "plain"
+
+
+@pytest.mark.parametrize("fast_path", ["off", "lowrank"])
+@pytest.mark.parametrize("noise_multiplier", [0.0, 0.7])
+def test_streaming_dp_fedavg_equals_stacked(fast_path, noise_multiplier):
+  """DP-FedAvg's clipped, noised, fixed-denominator mean computed streaming (and on the low-rank
+  path) equals the stacked aggregator: same clipping, same participation, same noise draw."""
+  from fedjax_health.privacy import dp
+  ds = _data()
+  model = models.get_model("mlp", 3, (12,), hidden=(16,))
+  plan = BatchPlanSpec.create(ds.client_sizes, 2, num_epochs=2)
+
+  def ctx_fn(cohort, round_idx, rng):  # Poisson-style participation flags
+    return {"participating": jax.random.bernoulli(jax.random.fold_in(rng, 1), 0.7, cohort.shape)}
+
+  stacked = (dp.central_gaussian_mean(0.05, noise_multiplier, 4.2) if noise_multiplier
+             else dp.clipped_fixed_mean(0.05, 4.2))
+  runs = []
+  for agg, path in [(stacked, "off"), (dp.central_gaussian_streaming(0.05, noise_multiplier, 4.2), fast_path)]:
+    alg = fa.fedavg(model, num_clients=ds.num_clients, cohort_size=6, plan=plan, client_opt=client_lib.sgd(0.3),
+                    aggregator=agg, client_ctx_fn=ctx_fn, fast_path=path, lowrank_width=4)
+    state = alg.init(model.init(jax.random.key(0)))
+    round_fn = jax.jit(alg.round_fn)
+    for _ in range(2):
+      state, metrics = round_fn(state, fa.device_train_data(ds), jax.random.key(5))
+    runs.append((state.params, metrics))
+  (p_ref, m_ref), (p, m) = runs
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), p, p_ref)
+  for key in ("num_participating", "clipped_fraction", "noise_std", "train_loss", "mean_update_norm"):
+    np.testing.assert_allclose(m[key], m_ref[key], rtol=1e-5, err_msg=key)
+  assert 0 < float(m["clipped_fraction"]) <= 1  # the clip norm binds: the test exercises clipping
+
+
+def test_streaming_dp_validates_arguments():
+  from fedjax_health.privacy import dp
+  with pytest.raises(ValueError, match="clip_norm"):
+    dp.central_gaussian_streaming(0.0, 1.0, 10)
+  with pytest.raises(ValueError, match="noise_multiplier"):
+    dp.central_gaussian_streaming(1.0, -1.0, 10)

@@ -9,6 +9,11 @@ used by default) and a context dict ``ctx`` (``params``: the round's global para
 * ``Aggregator(init, apply)``: ``apply(updates, weights, state, rng, ctx) ->
   (aggregate, state, info)`` combines the stack into one update.
 * ``chain(t1, ..., aggregator)`` composes transforms in order, then the aggregator.
+* ``StreamingAggregator(client_scale, finalize)``: an aggregator *linear* in the updates,
+  ``finalize(sum_c scale_c * update_c, sum_c stats_c, rng)``, with each client's scalar ``scale``
+  and ``stats`` from ``client_scale(norm, weight, client_ctx)``. The round computes it streaming
+  (never stacking the cohort; on the low-rank path as GEMMs). FedAvg's weighted mean and
+  DP-FedAvg's clipped, noised fixed-denominator mean have this form.
 
 ``info`` is a flat dict of arrays (logged as metrics); aggregators that drop clients report a
 boolean ``rejected [cohort]``.
@@ -44,6 +49,28 @@ class Aggregator(NamedTuple):
 def _empty_init(params):
   del params
   return EmptyState()
+
+
+class StreamingAggregator(NamedTuple):
+  """``client_scale(norm, weight, client_ctx) -> (scale, stats)`` per client (scalars and a dict
+  of scalars); ``finalize(total, stats_sum, rng) -> (aggregate, info)``. Stateless."""
+
+  client_scale: Callable[..., tuple[jax.Array, dict]]
+  finalize: Callable[..., tuple[PyTree, dict]]
+
+
+def streaming_weighted_mean() -> StreamingAggregator:
+  """Returns FedAvg's weighted mean (weights = examples used) in streaming form."""
+
+  def client_scale(norm, weight, client_ctx):
+    del norm, client_ctx
+    return weight, {"weight": weight}
+
+  def finalize(total, stats, rng):
+    del rng
+    return jax.tree.map(lambda t: t / jnp.maximum(stats["weight"], 1e-12), total), {}
+
+  return StreamingAggregator(client_scale, finalize)
 
 
 def identity() -> UpdateTransform:

@@ -96,9 +96,11 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
       uniformly or proportionally to ``sampling_weights``).
     plan: local data plan (batch size, epochs or steps) from ``BatchPlanSpec.create``.
     client_opt, server_opt: local optimiser; server optimiser (default SGD lr 1 = FedAvg).
-    aggregator: a stacked-update Aggregator (robust, clustered, DP, ...). Default (None): FedAvg's
-      weighted mean with non-finite updates rejected, computed *streaming* (a running sum over
-      chunks of clients, never the ``[cohort, params]`` stack), so memory is bounded by the chunk.
+    aggregator: a stacked-update Aggregator (robust, clustered, DP, ...), or a
+      ``StreamingAggregator`` (linear in the updates, e.g. ``dp.central_gaussian_streaming``).
+      Default (None): FedAvg's weighted mean. Non-finite updates are rejected. Streaming forms are
+      computed as a running sum over chunks of clients, never the ``[cohort, params]`` stack, so
+      memory is bounded by the chunk (and they can take the low-rank path).
     prox_mu: FedProx's proximal coefficient (0 = FedAvg).
     clients_per_step: width of the cohort map (1 = scan, cohort = full vmap).
     mesh: optional ``'clients'`` mesh to shard the cohort across devices.
@@ -117,7 +119,9 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
   if not 1 <= cohort_size <= num_clients:
     raise ValueError(f"cohort_size must be in [1, num_clients={num_clients}], got {cohort_size}")
   server_opt = server_opt or optax.sgd(1.0)
-  streaming = aggregator is None
+  streaming_agg = aggregator if isinstance(aggregator, agg_base.StreamingAggregator) else (
+      agg_base.streaming_weighted_mean() if aggregator is None else None)
+  streaming = streaming_agg is not None
   if streaming:
     aggregator = agg_base.Aggregator(lambda params: (), None)
   custom_grad = grad_fn is not None
@@ -149,8 +153,9 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     w = jnp.where(finite, aux["num_examples"], 0.0)
     delta = jax.tree.map(lambda d: jnp.where(finite, d, 0.0), delta)
     norm = jnp.sqrt(client_lib.tree_sq_norm(delta))
+    scale, stats = streaming_agg.client_scale(norm, w, per_client[4])
     aux = dict(aux, num_examples=w)
-    return (jax.tree.map(lambda d: d * w, delta), w), (aux, norm, finite)
+    return (jax.tree.map(lambda d: d * scale, delta), stats), (aux, norm, finite)
 
   def lowrank_contribution_fn(shared, per_client):
     params, arrays = shared
@@ -163,31 +168,32 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     finite = jnp.isfinite(sq_norm) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(f)) for f in jax.tree.leaves(factors)]))
     w = jnp.where(finite, aux["num_examples"], 0.0)
     norm = jnp.sqrt(jnp.where(finite, sq_norm, 0.0))
-    return (factors, w, finite), (dict(aux, num_examples=w), norm, finite)
+    scale, stats = streaming_agg.client_scale(norm, w, per_client[4])
+    return (factors, scale, finite, stats), (dict(aux, num_examples=w), norm, finite)
 
   def lowrank_chunk_sum(contrib, valid):
-    factors, w, finite = contrib
-    w = jnp.where(valid, w, 0.0)
+    factors, scale, finite, stats = contrib
+    scale = jnp.where(valid, scale, 0.0)
     # Zero weight does not cancel a NaN in a factor: only chunks holding a non-finite client pay
     # for selecting its factors away (the common all-finite chunk goes straight to the GEMMs).
     factors = jax.lax.cond(jnp.all(finite), lambda f: f,
                            lambda f: jax.tree.map(lambda a: jnp.where(
                                finite.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0.0), f), factors)
-    return lowrank_lib.weighted_sum(chain, factors, w), jnp.sum(w)
+    return lowrank_lib.weighted_sum(chain, factors, scale), client_lib.masked_chunk_sum(stats, valid)
 
-  def _streaming_weighted_mean(shared, per_client):
+  def _streaming_aggregate(shared, per_client, rng):
     if use_lowrank:
       fn, w, chunk_sum = lowrank_contribution_fn, width, lowrank_chunk_sum
     else:
       fn, w, chunk_sum = contribution_fn, clients_per_step, None
     if mesh is None:
-      (total, total_w), (aux, norms, finite) = client_lib.map_sum_clients(
+      (total, stats), (aux, norms, finite) = client_lib.map_sum_clients(
           lambda pc: fn(shared, pc), per_client, w, unroll=map_unroll, chunk_sum=chunk_sum)
     else:
-      (total, total_w), (aux, norms, finite) = client_lib.map_sum_clients_sharded(
+      (total, stats), (aux, norms, finite) = client_lib.map_sum_clients_sharded(
           fn, shared, per_client, w, mesh, map_unroll, chunk_sum)
-    agg = jax.tree.map(lambda t: t / jnp.maximum(total_w, 1e-12), total)
-    return agg, aux, norms, {"rejected": ~finite, "num_nonfinite": jnp.sum(~finite)}
+    agg, info = streaming_agg.finalize(total, stats, rng)
+    return agg, aux, norms, dict(info, rejected=~finite, num_nonfinite=jnp.sum(~finite))
 
   def round_fn(state: ServerState, train: dict, rng: jax.Array):
     k_cohort, k_plan, k_clients, k_ctx, k_agg = jax.random.split(jax.random.fold_in(rng, state.round), 5)
@@ -200,7 +206,7 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     per_client = (train["offsets"][cohort], pos, mask, jax.random.split(k_clients, cohort_size), ctx)
     shared = (state.params, train["arrays"])
     if streaming:
-      agg, aux, norms, info = _streaming_weighted_mean(shared, per_client)
+      agg, aux, norms, info = _streaming_aggregate(shared, per_client, k_agg)
       agg_state, weights = state.agg_state, aux["num_examples"]
     else:
       if mesh is None:
@@ -238,7 +244,7 @@ def _use_lowrank(fast_path: str, chain, model, plan: BatchPlanSpec, **setting) -
   if chain is None:
     blockers.append(f"model {model.name or type(model.module).__name__!r} is not a chain of dense layers")
   if not setting["streaming"]:
-    blockers.append("a stacked aggregator is set (the low-rank path computes FedAvg's weighted mean)")
+    blockers.append("a stacked aggregator is set (the low-rank path needs a StreamingAggregator)")
   if setting["custom_grad"]:
     blockers.append("a custom grad_fn is set")
   if setting["projection"] is not None or setting["data_transform"] is not None:

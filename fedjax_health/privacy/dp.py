@@ -28,7 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_health.aggregators.base import Aggregator, EmptyState, UpdateTransform, client_norms
+from fedjax_health.aggregators.base import Aggregator, EmptyState, StreamingAggregator, UpdateTransform, client_norms
 
 
 def _positive(value: float, name: str) -> float:
@@ -114,6 +114,37 @@ def central_gaussian_mean(clip_norm: float, noise_multiplier: float, denominator
     return agg, state, dict(info, clip_norm=jnp.float32(clip_norm))
 
   return Aggregator(_empty_init, apply)
+
+
+def central_gaussian_streaming(clip_norm: float, noise_multiplier: float, denominator: float) -> StreamingAggregator:
+  """Returns ``central_gaussian_mean`` in streaming form (``noise_multiplier=0``: ``clipped_fixed_mean``).
+
+  Clipping only scales each client's update, so the clipped sum is linear in the updates: the
+  round accumulates it without stacking the cohort (on the low-rank path as GEMMs), then adds the
+  same ``N(0, (z C)^2)`` draw (same key, same shapes) and divides by the fixed denominator.
+  """
+  clip_norm = _positive(clip_norm, "clip_norm")
+  if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+    raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+  denominator = _positive(denominator, "denominator")
+  std = noise_multiplier * clip_norm
+
+  def client_scale(norm, weight, client_ctx):
+    part = weight > 0
+    if isinstance(client_ctx, dict) and "participating" in client_ctx:
+      part = part & client_ctx["participating"]
+    scale = jnp.where(part, jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-12)), 0.0)
+    return scale, {"num_participating": part.astype(jnp.float32),
+                   "num_clipped": (part & (norm > clip_norm)).astype(jnp.float32)}
+
+  def finalize(total, stats, rng):
+    noise = gaussian_like(rng, total, std)
+    agg = jax.tree.map(lambda t, n: (t + n) / denominator, total, noise)
+    n_part = stats["num_participating"]
+    return agg, {"num_participating": n_part.astype(jnp.int32), "noise_std": jnp.float32(std),
+                 "clipped_fraction": stats["num_clipped"] / jnp.maximum(n_part, 1), "clip_norm": jnp.float32(clip_norm)}
+
+  return StreamingAggregator(client_scale, finalize)
 
 
 def clipped_fixed_mean(clip_norm: float, denominator: float) -> Aggregator:
