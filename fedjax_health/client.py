@@ -52,6 +52,10 @@ def tree_add(a: PyTree, b: PyTree) -> PyTree:
   return jax.tree.map(jnp.add, a, b)
 
 
+def tree_all_finite(t: PyTree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(t)]))
+
+
 def tree_sq_norm(t: PyTree) -> jax.Array:
   return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(t))
 

@@ -103,9 +103,8 @@ def test_map_clients_every_width_equals_python_reference(width):
 
 
 @pytest.mark.parametrize("num_devices, width", [(4, 1), (4, 2), (2, 3), (8, 1)])
-def test_shard_map_equals_single_device(num_devices, width):
-  if jax.device_count() < num_devices:
-    pytest.skip("needs forced host devices (tests/conftest.py)")
+def test_shard_map_equals_single_device(num_devices, width, require_host_devices):
+  require_host_devices(num_devices)
   model, params, xs, ys, mask = _setup(n_clients=16)
   trainer = _trainer(model)
   keys = jnp.stack([jax.random.key_data(jax.random.key(c)) for c in range(16)])
@@ -121,9 +120,8 @@ def test_shard_map_equals_single_device(num_devices, width):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got, ref)
 
 
-def test_shard_map_rejects_indivisible_cohort():
-  if jax.device_count() < 4:
-    pytest.skip("needs forced host devices")
+def test_shard_map_rejects_indivisible_cohort(require_host_devices):
+  require_host_devices(4)
   mesh = client_lib.make_client_mesh(4)
   with pytest.raises(ValueError, match="multiple of the number of devices"):
     client_lib.map_clients_sharded(lambda s, x: x, 0.0, jnp.zeros((6, 2)), 1, mesh)
@@ -143,9 +141,8 @@ def test_map_sum_clients_equals_stacked_sum(width):
   np.testing.assert_allclose(small, xs.sum(1))
 
 
-def test_map_sum_clients_sharded_psums_across_devices():
-  if jax.device_count() < 4:
-    pytest.skip("needs forced host devices")
+def test_map_sum_clients_sharded_psums_across_devices(require_host_devices):
+  require_host_devices(4)
   mesh = client_lib.make_client_mesh(4)
   xs = jnp.arange(8 * 2, dtype=jnp.float32).reshape(8, 2)
   w = jnp.array([1.0, -1.0])

@@ -109,9 +109,8 @@ def test_round_rejects_non_finite_client_like_plain_path():
   assert int(low[1][0]["num_nonfinite"]) == 1 and np.all(np.isfinite(jax.tree.leaves(low[0].params)[0]))
 
 
-def test_round_sharded_equals_single_device():
-  if len(jax.devices()) < 4:
-    pytest.skip("needs forced host devices")
+def test_round_sharded_equals_single_device(require_host_devices):
+  require_host_devices(4)
   ds = _data()
   mesh = client_lib.make_client_mesh(4)
   _assert_same_rounds(_run("lowrank", ds, cohort=8, width=2, mesh=mesh), _run("off", ds, cohort=8))

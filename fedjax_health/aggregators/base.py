@@ -73,6 +73,19 @@ def streaming_weighted_mean() -> StreamingAggregator:
   return StreamingAggregator(client_scale, finalize)
 
 
+def stacked(aggregator: StreamingAggregator) -> Aggregator:
+  """Returns a ``StreamingAggregator`` as an ``Aggregator`` on stacked updates (same result)."""
+
+  def apply(updates, weights, state, rng, ctx):
+    client_ctx = (ctx or {}).get("client_ctx") or {}
+    scale, stats = jax.vmap(aggregator.client_scale)(client_norms(updates), weights, client_ctx)
+    agg, info = aggregator.finalize(weighted_sum(updates, scale), jax.tree.map(lambda s: jnp.sum(s, axis=0), stats),
+                                    rng)
+    return agg, state, info
+
+  return Aggregator(_empty_init, apply)
+
+
 def identity() -> UpdateTransform:
   """Returns the transform that changes nothing."""
 

@@ -114,7 +114,8 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     fast_path: "auto" takes the exact low-rank path (``lowrank.py``: shared-weight GEMMs, no
       per-client weights) when it applies and its factors are small (``lowrank.suitable``);
       "lowrank" requires it (error naming what prevents it); "off" always trains dense copies.
-    lowrank_width: clients per chunk on the low-rank path (default: sized to ~256 MB of factors).
+    lowrank_width: clients per chunk on the low-rank path (default ``lowrank.chunk_width``: ~8 MB
+      of factors on CPU, ~512 MB on accelerators).
   """
   if not 1 <= cohort_size <= num_clients:
     raise ValueError(f"cohort_size must be in [1, num_clients={num_clients}], got {cohort_size}")
@@ -130,11 +131,13 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
                                       client_lib.prox_regularizer(prox_mu) if prox_mu > 0 else None)
   trainer = client_lib.ClientTrainer(grad_fn, client_opt, projection, data_transform, unroll)
   chain = lowrank_lib.dense_chain(model)
-  use_lowrank = _use_lowrank(fast_path, chain, model, plan, streaming=streaming, custom_grad=custom_grad,
+  shapes = jax.eval_shape(model.init, jax.random.key(0))
+  use_lowrank = _use_lowrank(fast_path, chain, model, shapes, plan, streaming=streaming, custom_grad=custom_grad,
                              projection=projection, data_transform=data_transform, client_opt=client_opt)
   if use_lowrank:
     per_device = cohort_size // (mesh.shape[client_lib.CLIENTS_AXIS] if mesh is not None else 1)
-    width = lowrank_width or _lowrank_width(model, plan, max(per_device, 1))
+    width = lowrank_width or lowrank_lib.chunk_width(chain, shapes, plan.num_steps, plan.batch_size,
+                                                     max(per_device, 1), jax.default_backend())
     if width < 1:
       raise ValueError(f"lowrank_width must be >= 1, got {width}")
 
@@ -149,13 +152,17 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
 
   def contribution_fn(shared, per_client):
     delta, aux = client_fn(shared, per_client)
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(d)) for d in jax.tree.leaves(delta)]))
-    w = jnp.where(finite, aux["num_examples"], 0.0)
+    finite = client_lib.tree_all_finite(delta)
     delta = jax.tree.map(lambda d: jnp.where(finite, d, 0.0), delta)
-    norm = jnp.sqrt(client_lib.tree_sq_norm(delta))
-    scale, stats = streaming_agg.client_scale(norm, w, per_client[4])
-    aux = dict(aux, num_examples=w)
+    aux, norm, scale, stats = weigh(aux, client_lib.tree_sq_norm(delta), finite, per_client[4])
     return (jax.tree.map(lambda d: d * scale, delta), stats), (aux, norm, finite)
+
+  def weigh(aux, sq_norm, finite, ctx):
+    """A client's weight (examples used, 0 if its update is not finite), norm and aggregation scale."""
+    w = jnp.where(finite, aux["num_examples"], 0.0)
+    norm = jnp.sqrt(jnp.where(finite, sq_norm, 0.0))
+    scale, stats = streaming_agg.client_scale(norm, w, ctx)
+    return dict(aux, num_examples=w), norm, scale, stats
 
   def lowrank_contribution_fn(shared, per_client):
     params, arrays = shared
@@ -165,11 +172,9 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
                                            learning_rate=client_opt.learning_rate,
                                            momentum=client_opt.momentum, prox_mu=prox_mu)
     sq_norm = aux.pop("sq_norm")
-    finite = jnp.isfinite(sq_norm) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(f)) for f in jax.tree.leaves(factors)]))
-    w = jnp.where(finite, aux["num_examples"], 0.0)
-    norm = jnp.sqrt(jnp.where(finite, sq_norm, 0.0))
-    scale, stats = streaming_agg.client_scale(norm, w, per_client[4])
-    return (factors, scale, finite, stats), (dict(aux, num_examples=w), norm, finite)
+    finite = jnp.isfinite(sq_norm) & client_lib.tree_all_finite(factors)
+    aux, norm, scale, stats = weigh(aux, sq_norm, finite, per_client[4])
+    return (factors, scale, finite, stats), (aux, norm, finite)
 
   def lowrank_chunk_sum(contrib, valid):
     factors, scale, finite, stats = contrib
@@ -234,7 +239,7 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
   return FederatedAlgorithm(init, round_fn, trainer, plan, cohort_size, "lowrank" if use_lowrank else "plain")
 
 
-def _use_lowrank(fast_path: str, chain, model, plan: BatchPlanSpec, **setting) -> bool:
+def _use_lowrank(fast_path: str, chain, model, shapes, plan: BatchPlanSpec, **setting) -> bool:
   """Returns whether the round takes the low-rank path; "lowrank" raises naming what prevents it."""
   if fast_path not in ("auto", "lowrank", "off"):
     raise ValueError(f"fast_path must be one of auto, lowrank, off; got {fast_path!r}")
@@ -259,23 +264,7 @@ def _use_lowrank(fast_path: str, chain, model, plan: BatchPlanSpec, **setting) -
     return True
   if blockers:
     return False
-  shapes = jax.eval_shape(model.init, jax.random.key(0))
   return lowrank_lib.suitable(chain, shapes, plan.num_steps, plan.batch_size)
-
-
-def _lowrank_width(model, plan: BatchPlanSpec, cohort: int) -> int:
-  """Returns clients per low-rank chunk: factors of ~8 MB on CPU (cache-sized), ~512 MB on accelerators.
-
-  Measured on W1 (2-core CPU, ``benchmarks.throughput``): chunks of 50-100 clients run the round at
-  1.16x the centralised limit, 250 at 1.47x, 1000 at 2.35x. The width is then evened out so
-  padding stays below one client per chunk.
-  """
-  shapes = jax.eval_shape(model.init, jax.random.key(0))
-  per_client = 4 * plan.num_steps * plan.batch_size * sum(sum(a.shape) for a in jax.tree.leaves(shapes) if a.ndim == 2)
-  budget = 8e6 if jax.default_backend() == "cpu" else 512e6
-  target = max(1, min(cohort, int(budget // per_client)))
-  chunks = -(-cohort // target)
-  return -(-cohort // chunks)
 
 
 def device_train_data(dataset) -> dict:

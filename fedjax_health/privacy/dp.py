@@ -28,7 +28,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_health.aggregators.base import Aggregator, EmptyState, StreamingAggregator, UpdateTransform, client_norms
+from fedjax_health.aggregators.base import (Aggregator, EmptyState, StreamingAggregator, UpdateTransform, client_norms,
+                                           stacked, weighted_sum)
 
 
 def _positive(value: float, name: str) -> float:
@@ -46,10 +47,14 @@ def _empty_init(params):
   return EmptyState()
 
 
+def _clip_scale(norms: jax.Array, clip_norm) -> jax.Array:
+  return jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-12))
+
+
 def clip_by_norm(updates, clip_norm) -> tuple:
   """Returns (updates scaled so each client's L2 norm is <= clip_norm, norms before clipping)."""
   norms = client_norms(updates)
-  scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-12))
+  scale = _clip_scale(norms, clip_norm)
   return jax.tree.map(lambda u: u * _bcast(scale, u).astype(u.dtype), updates), norms
 
 
@@ -60,13 +65,16 @@ def gaussian_like(rng: jax.Array, tree, std) -> object:
   return jax.tree.unflatten(treedef, [std * jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves)])
 
 
-def participation(weights: jax.Array, ctx) -> jax.Array:
-  """Returns the bool ``[cohort]`` of clients that contribute: weight > 0 and participating."""
+def _participating(weights: jax.Array, client_ctx) -> jax.Array:
   part = weights > 0
-  client_ctx = (ctx or {}).get("client_ctx") or {}
   if isinstance(client_ctx, dict) and "participating" in client_ctx:
     part = part & client_ctx["participating"]
   return part
+
+
+def participation(weights: jax.Array, ctx) -> jax.Array:
+  """Returns the bool ``[cohort]`` of clients that contribute: weight > 0 and participating."""
+  return _participating(weights, (ctx or {}).get("client_ctx") or {})
 
 
 def clip_updates(clip_norm: float) -> UpdateTransform:
@@ -85,43 +93,34 @@ def clip_updates(clip_norm: float) -> UpdateTransform:
   return UpdateTransform(_empty_init, apply)
 
 
+def _noised_over(total, rng, std, denominator):
+  """Returns ``(total + N(0, std^2)) / denominator`` leaf by leaf."""
+  noise = gaussian_like(rng, total, std)
+  return jax.tree.map(lambda t, n: (t + n) / denominator, total, noise)
+
+
+def _fixed_mean_info(num_participating, num_clipped, std, clip_norm) -> dict:
+  return {"num_participating": jnp.asarray(num_participating).astype(jnp.int32), "noise_std": jnp.float32(std),
+          "clipped_fraction": num_clipped / jnp.maximum(num_participating, 1), "clip_norm": jnp.float32(clip_norm)}
+
+
 def _noisy_fixed_mean(updates, weights, ctx, rng, clip_norm, std, denominator):
   part = participation(weights, ctx)
   clipped, norms = clip_by_norm(updates, clip_norm)
-  total = jax.tree.map(lambda u: jnp.sum(u * _bcast(part, u).astype(u.dtype), axis=0), clipped)
-  noise = gaussian_like(rng, total, std)
-  agg = jax.tree.map(lambda t, n: (t + n) / denominator, total, noise)
-  info = {"num_participating": jnp.sum(part), "noise_std": jnp.float32(std),
-          "clipped_fraction": jnp.sum((norms > clip_norm) & part) / jnp.maximum(jnp.sum(part), 1)}
+  agg = _noised_over(weighted_sum(clipped, part), rng, std, denominator)
+  info = _fixed_mean_info(jnp.sum(part), jnp.sum((norms > clip_norm) & part), std, clip_norm)
   return agg, part, norms, info
 
 
-def central_gaussian_mean(clip_norm: float, noise_multiplier: float, denominator: float) -> Aggregator:
+def central_gaussian_streaming(clip_norm: float, noise_multiplier: float, denominator: float) -> StreamingAggregator:
   """Returns DP-FedAvg's aggregator: clipped sum + ``N(0, (z C)^2)``, over a fixed denominator.
 
   McMahan et al. 2018. Each participating client counts once (unit weight), so adding or
   removing a client changes the sum by at most ``C``; the Gaussian mechanism of multiplier
-  ``noise_multiplier`` then gives client-level DP, accounted in ``accounting.py``.
-  ``noise_multiplier=0`` is only allowed through ``clipped_fixed_mean`` (the epsilon = inf run).
-  """
-  clip_norm = _positive(clip_norm, "clip_norm")
-  noise_multiplier = _positive(noise_multiplier, "noise_multiplier")
-  denominator = _positive(denominator, "denominator")
-
-  def apply(updates, weights, state, rng, ctx):
-    agg, _, _, info = _noisy_fixed_mean(updates, weights, ctx, rng, clip_norm, noise_multiplier * clip_norm,
-                                        denominator)
-    return agg, state, dict(info, clip_norm=jnp.float32(clip_norm))
-
-  return Aggregator(_empty_init, apply)
-
-
-def central_gaussian_streaming(clip_norm: float, noise_multiplier: float, denominator: float) -> StreamingAggregator:
-  """Returns ``central_gaussian_mean`` in streaming form (``noise_multiplier=0``: ``clipped_fixed_mean``).
-
-  Clipping only scales each client's update, so the clipped sum is linear in the updates: the
-  round accumulates it without stacking the cohort (on the low-rank path as GEMMs), then adds the
-  same ``N(0, (z C)^2)`` draw (same key, same shapes) and divides by the fixed denominator.
+  ``noise_multiplier`` then gives client-level DP, accounted in ``accounting.py``. Clipping only
+  scales each client's update, so the clipped sum is linear in the updates: the round accumulates
+  it streaming (on the low-rank path as GEMMs); ``central_gaussian_mean`` is the same aggregator
+  on stacked updates. ``noise_multiplier=0`` is the noiseless twin (``clipped_fixed_mean``).
   """
   clip_norm = _positive(clip_norm, "clip_norm")
   if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
@@ -130,33 +129,28 @@ def central_gaussian_streaming(clip_norm: float, noise_multiplier: float, denomi
   std = noise_multiplier * clip_norm
 
   def client_scale(norm, weight, client_ctx):
-    part = weight > 0
-    if isinstance(client_ctx, dict) and "participating" in client_ctx:
-      part = part & client_ctx["participating"]
-    scale = jnp.where(part, jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-12)), 0.0)
+    part = _participating(weight, client_ctx)
+    scale = jnp.where(part, _clip_scale(norm, clip_norm), 0.0)
     return scale, {"num_participating": part.astype(jnp.float32),
                    "num_clipped": (part & (norm > clip_norm)).astype(jnp.float32)}
 
   def finalize(total, stats, rng):
-    noise = gaussian_like(rng, total, std)
-    agg = jax.tree.map(lambda t, n: (t + n) / denominator, total, noise)
-    n_part = stats["num_participating"]
-    return agg, {"num_participating": n_part.astype(jnp.int32), "noise_std": jnp.float32(std),
-                 "clipped_fraction": stats["num_clipped"] / jnp.maximum(n_part, 1), "clip_norm": jnp.float32(clip_norm)}
+    return (_noised_over(total, rng, std, denominator),
+            _fixed_mean_info(stats["num_participating"], stats["num_clipped"], std, clip_norm))
 
   return StreamingAggregator(client_scale, finalize)
 
 
+def central_gaussian_mean(clip_norm: float, noise_multiplier: float, denominator: float) -> Aggregator:
+  """Returns ``central_gaussian_streaming`` on stacked updates; ``noise_multiplier`` must be > 0
+  (the epsilon = inf run goes through ``clipped_fixed_mean``)."""
+  noise_multiplier = _positive(noise_multiplier, "noise_multiplier")
+  return stacked(central_gaussian_streaming(clip_norm, noise_multiplier, denominator))
+
+
 def clipped_fixed_mean(clip_norm: float, denominator: float) -> Aggregator:
   """Returns the noiseless twin of ``central_gaussian_mean`` (same clipping and denominator)."""
-  clip_norm = _positive(clip_norm, "clip_norm")
-  denominator = _positive(denominator, "denominator")
-
-  def apply(updates, weights, state, rng, ctx):
-    agg, _, _, info = _noisy_fixed_mean(updates, weights, ctx, rng, clip_norm, 0.0, denominator)
-    return agg, state, dict(info, clip_norm=jnp.float32(clip_norm))
-
-  return Aggregator(_empty_init, apply)
+  return stacked(central_gaussian_streaming(clip_norm, 0.0, denominator))
 
 
 class AdaptiveClipState(NamedTuple):
@@ -268,7 +262,6 @@ def public_weighted_mean(client_weights) -> Aggregator:
     del rng
     w = jnp.where(participation(weights, ctx), table[ctx["cohort"]], 0.0)
     w = w / jnp.maximum(jnp.sum(w), 1e-12)
-    agg = jax.tree.map(lambda u: jnp.sum(u * _bcast(w, u).astype(u.dtype), axis=0), updates)
-    return agg, state, {}
+    return weighted_sum(updates, w), state, {}
 
   return Aggregator(_empty_init, apply)

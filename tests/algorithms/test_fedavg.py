@@ -74,9 +74,8 @@ def test_server_sgd_lr1_is_fedavg_and_width_does_not_matter():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), outs[0], o)
 
 
-def test_sharded_round_equals_unsharded():
-  if jax.device_count() < 4:
-    pytest.skip("needs forced host devices")
+def test_sharded_round_equals_unsharded(require_host_devices):
+  require_host_devices(4)
   ds = _data(sizes=(5, 9, 0, 3, 7, 4, 6, 2))
   model = models.get_model("mlp", 3, (4,), hidden=(5,))
   plan = BatchPlanSpec.create(ds.client_sizes, 2, num_epochs=1)
