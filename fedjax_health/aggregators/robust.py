@@ -8,6 +8,13 @@ Bulyan) report the clients they did not select as ``info["rejected"]``; coordina
 
 Each factory checks, at construction, that the rule can work for the cohort it will see
 (``cohort_size``): Krum needs ``n > 2f + 2``, Bulyan ``n >= 4f + 3``, trimmed mean ``2k < n``.
+The same condition is checked again when the rule is traced on a stack (a stack smaller than the
+requirement is a ValueError naming it), and at run time on the *valid* count (clients of weight
+> 0), which only the traced computation knows. There the documented fallback is: the rule's sizes
+are recomputed from the valid count and clipped to what is possible (Krum's neighbour count to
+``[1, n - 1]``; Bulyan's ``theta = n - 2f`` and ``beta = theta - 2f`` to ``>= 1``; trimmed mean's
+``k`` to ``(n - 1) // 2``), and ``info["condition_holds"]`` is False for that round, so a run
+logs every round in which the guarantee did not hold.
 
 References: Sun et al. 2019 ("Can you really backdoor federated learning?": norm bounding, weak
 DP); Blanchard et al. 2017 (Krum, Multi-Krum); Yin et al. 2018 (coordinate median, trimmed
@@ -40,6 +47,14 @@ def _check_int(name: str, value, low: int) -> None:
 
 def _check_cohort(cohort_size) -> None:
   _check_int("cohort_size", cohort_size, 1)
+
+
+def _check_stack(rule: str, updates, needed: int, condition: str) -> None:
+  """Raises ValueError when the stack's cohort dimension is below what ``rule`` needs (trace time)."""
+  c = jax.tree.leaves(updates)[0].shape[0]
+  if c < needed:
+    raise ValueError(f"{rule} got a stack of {c} client updates but needs {condition} (at least {needed} "
+                     f"clients); the cohort at run time is smaller than the cohort_size it was built for")
 
 
 def pairwise_sq_dists(flat: jax.Array) -> jax.Array:
@@ -110,10 +125,12 @@ def krum(num_byzantine: int, cohort_size: int, num_selected: int = 1) -> Aggrega
 
   def apply(updates, weights, state, rng, ctx):
     del rng, ctx
+    _check_stack("Krum", updates, 2 * num_byzantine + 3, f"n > 2f + 2 with f={num_byzantine}")
     valid = weights > 0
     sqd = pairwise_sq_dists(flatten_updates(updates))
     selected = _select_lowest(krum_scores(sqd, valid, num_byzantine), sqd, valid, num_selected)
-    return _masked_uniform_mean(updates, selected), state, {"rejected": valid & ~selected}
+    holds = jnp.sum(valid) > 2 * num_byzantine + 2
+    return _masked_uniform_mean(updates, selected), state, {"rejected": valid & ~selected, "condition_holds": holds}
 
   return Aggregator(_empty_init, apply)
 
@@ -169,6 +186,8 @@ def trimmed_mean(cohort_size: int, trim_fraction: float | None = None, num_trim:
 
   def apply(updates, weights, state, rng, ctx):
     del rng, ctx
+    if num_trim is not None:  # a fraction shrinks k with the stack; a fixed k needs 2k < n
+      _check_stack("trimmed mean", updates, 2 * num_trim + 1, f"2k < n with k={num_trim}")
     valid = weights > 0
     n = jnp.sum(valid)
     k = (jnp.floor(trim_fraction * n).astype(jnp.int32) if trim_fraction is not None else jnp.asarray(num_trim))
@@ -177,7 +196,9 @@ def trimmed_mean(cohort_size: int, trim_fraction: float | None = None, num_trim:
     rank = jnp.arange(s.shape[0])[:, None]
     keep = (rank >= k) & (rank < n - k)
     agg = jnp.sum(jnp.where(keep, s, 0.0), axis=0) / jnp.maximum(n - 2 * k, 1)
-    return unflatten_like(agg, updates), state, {"num_trimmed_per_side": k}
+    k_wanted = (jnp.floor(trim_fraction * n).astype(jnp.int32) if trim_fraction is not None else jnp.asarray(num_trim))
+    holds = 2 * k_wanted < n
+    return unflatten_like(agg, updates), state, {"num_trimmed_per_side": k, "condition_holds": holds}
 
   return Aggregator(_empty_init, apply)
 
@@ -234,8 +255,13 @@ def bulyan(num_byzantine: int, cohort_size: int) -> Aggregator:
 
   1. Select ``theta = n - 2f`` updates by applying Krum repeatedly to the remaining set.
   2. On each coordinate, average the ``beta = theta - 2f`` selected values closest to their
-     median. Needs ``n >= 4f + 3`` (checked against ``cohort_size``). Clients never selected in
-     step 1 are reported as rejected.
+     median. Needs ``n >= 4f + 3`` (checked against ``cohort_size`` and the stack's size).
+     Clients never selected in step 1 are reported as rejected.
+
+  ``n`` is the number of *valid* clients of the round (weight > 0): clients rejected by an
+  earlier transform or without data are absent, so ``theta`` and ``beta`` follow the valid count,
+  not the cohort size. When fewer than ``4f + 3`` clients are valid, ``theta`` and ``beta`` are
+  clipped to ``>= 1`` and ``info["condition_holds"]`` is False (the guarantee is void that round).
   """
   _check_int("num_byzantine", num_byzantine, 0)
   _check_cohort(cohort_size)
@@ -243,14 +269,16 @@ def bulyan(num_byzantine: int, cohort_size: int) -> Aggregator:
     raise ValueError(f"Bulyan needs cohort_size >= 4 * num_byzantine + 3 (n >= 4f + 3); got n={cohort_size}, "
                      f"f={num_byzantine}")
   f = num_byzantine
-  theta = cohort_size - 2 * f
 
   def apply(updates, weights, state, rng, ctx):
     del rng, ctx
+    _check_stack("Bulyan", updates, 4 * f + 3, f"n >= 4f + 3 with f={f}")
     valid = weights > 0
     flat = flatten_updates(updates)
     sqd = pairwise_sq_dists(flat)
-    n_sel = jnp.minimum(theta, jnp.sum(valid))
+    n_valid = jnp.sum(valid)
+    n_sel = jnp.clip(n_valid - 2 * f, jnp.minimum(n_valid, 1), n_valid)  # theta from the valid count
+    theta = flat.shape[0]  # static loop bound; picks beyond n_sel are no-ops
 
     def pick(i, selected):
       remaining = valid & ~selected
@@ -267,7 +295,8 @@ def bulyan(num_byzantine: int, cohort_size: int) -> Aggregator:
     keep = jnp.arange(flat.shape[0])[:, None] < beta
     agg = jnp.sum(jnp.where(keep, vals, 0.0), axis=0) / beta
     agg = jnp.where(jnp.any(valid), agg, 0.0)
-    return unflatten_like(agg, updates), state, {"rejected": valid & ~selected}
+    info = {"rejected": valid & ~selected, "condition_holds": n_valid >= 4 * f + 3}
+    return unflatten_like(agg, updates), state, info
 
   return Aggregator(_empty_init, apply)
 

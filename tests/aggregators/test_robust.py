@@ -253,3 +253,43 @@ def test_robust_aggregators_stay_within_the_honest_range(seed, name, scale):
     assert np.linalg.norm(out - np.median(honest, 0)) <= np.linalg.norm(hi - lo) + 1e-3
   else:
     assert np.all(out >= lo - 1e-5) and np.all(out <= hi + 1e-5)
+
+
+# ---------------------------------------------------------------- run-time cohort (issue 15)
+
+
+@pytest.mark.parametrize("n, f, absent", [(11, 2, [3, 7]), (12, 2, [1, 5, 10])])
+def test_bulyan_with_absent_clients_equals_bulyan_on_the_valid_ones(n, f, absent):
+  # theta and beta follow the valid count: weight-0 clients are as if they were not in the stack.
+  x = np.random.default_rng(n + f).normal(size=(n, 5)).astype(np.float64)
+  w = np.ones(n)
+  w[absent] = 0.0
+  keep = np.flatnonzero(w > 0)
+  ref, selected = _np_bulyan(x[keep], f)
+  out, info = _apply(robust.bulyan(f, n), x, w)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.flatnonzero(~np.asarray(info["rejected"]) & (w > 0)), keep[selected])
+  assert bool(info["condition_holds"]) == (len(keep) >= 4 * f + 3)
+
+
+def test_bulyan_reports_when_too_few_valid_clients_remain():
+  x = np.random.default_rng(0).normal(size=(7, 5))
+  out, info = _apply(robust.bulyan(1, 7), x, [1, 1, 1, 1, 1, 1, 0])
+  assert not bool(info["condition_holds"]) and np.all(np.isfinite(out))
+
+
+@pytest.mark.parametrize("factory, stack, message", [
+    (lambda: robust.krum(1, 8), 4, "Krum .* 4 client updates .* n > 2f \\+ 2"),
+    (lambda: robust.bulyan(1, 8), 6, "Bulyan .* 6 client updates .* n >= 4f \\+ 3"),
+    (lambda: robust.trimmed_mean(8, num_trim=2), 4, "trimmed mean .* 4 client updates .* 2k < n"),
+])
+def test_rules_check_the_cohort_they_are_run_on(factory, stack, message):
+  with pytest.raises(ValueError, match=message):
+    _apply(factory(), np.zeros((stack, 5)))
+
+
+def test_krum_and_trimmed_mean_report_whether_the_condition_held():
+  x = np.random.default_rng(0).normal(size=(6, 5))
+  assert bool(_apply(robust.krum(1, 6), x)[1]["condition_holds"])
+  assert not bool(_apply(robust.krum(1, 6), x, [1, 1, 1, 1, 0, 0])[1]["condition_holds"])
+  assert not bool(_apply(robust.trimmed_mean(6, num_trim=2), x, [1, 1, 1, 1, 0, 0])[1]["condition_holds"])
