@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import jax
@@ -54,7 +55,12 @@ def last_hidden_layer(params) -> str:
            and params[k]["kernel"].ndim == 2 and params[k]["kernel"].shape[1] == width]
   if not names:
     raise ValueError("pruning needs a hidden dense layer before the head (use an mlp or cnn model, not logreg)")
-  return sorted(names)[-1]
+  return max(names, key=natural_key)
+
+
+def natural_key(name: str) -> tuple:
+  """Returns a sort key that orders the numbers inside a name by value (``body_9 < body_10``)."""
+  return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
 
 
 def mean_activations(model: Model, params, x: jax.Array) -> tuple[str, jax.Array]:

@@ -70,3 +70,13 @@ def test_pruning_finds_the_dense_layer_of_the_cnn_and_rejects_logreg():
     defenses.prune_dormant_units(logreg, logreg.init(jax.random.key(0)), jnp.ones((2, 4)), 0.5)
   with pytest.raises(ValueError, match="fraction"):
     defenses.prune_dormant_units(cnn, p, jnp.ones((3, 8, 8, 1)), 1.0)
+
+
+def test_pruning_finds_the_last_hidden_layer_of_a_deep_mlp():
+  # 11 hidden layers of one width: their names sorted as text put body_9 after body_10.
+  model = models.get_model("mlp", 3, (4,), hidden=(5,) * 11)
+  params = model.init(jax.random.key(0))
+  assert defenses.last_hidden_layer(params) == "body_10"
+  assert sorted(["body_10", "body_9", "body_2"], key=defenses.natural_key) == ["body_2", "body_9", "body_10"]
+  layer, act = defenses.mean_activations(model, params, _data(0, 8)[0])
+  assert layer == "body_10" and act.shape == (5,)
