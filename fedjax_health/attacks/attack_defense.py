@@ -69,8 +69,8 @@ def attack_config() -> ml_collections.ConfigDict:
   a.edge_k = 5
   # Model poisoning (targeted): PGD and model replacement.
   a.pgd_radius = 0.0  # > 0: project onto ||w_i - w|| <= radius after every local step
-  a.replacement = False  # scale malicious updates by n_S / n_i (or replacement_scale)
-  a.replacement_scale = 0.0  # 0: n_S / n_i
+  a.replacement = False  # scale malicious updates by n_S / (n_i eta), eta the server lr (or replacement_scale)
+  a.replacement_scale = 0.0  # 0: n_S / (n_i eta)
   # Untargeted (byzantine) updates.
   a.scale = 1.0  # sign_flip
   a.stddev = 1.0  # gaussian
@@ -78,6 +78,8 @@ def attack_config() -> ml_collections.ConfigDict:
   a.epsilon = 0.5  # ipm
   a.fang_b = 2.0
   a.knowledge = "full"  # full | partial
+  a.stats_include_attackers = False  # alie/ipm, full knowledge: statistics over every client (not the papers')
+  a.alie_ddof = 1  # alie: 1 = sample std (Baruch et al.), 0 = population std
   return a
 
 
@@ -136,6 +138,7 @@ def check_attack_defense(config, data=None) -> None:
   require(a.pgd_radius >= 0, "attack.pgd_radius", ">= 0 (0: no PGD)", a.pgd_radius)
   require(a.replacement_scale >= 0, "attack.replacement_scale", ">= 0 (0: n_S / n_i)", a.replacement_scale)
   require(a.knowledge in ("full", "partial"), "attack.knowledge", "'full' or 'partial'", a.knowledge)
+  require(a.alie_ddof in (0, 1), "attack.alie_ddof", "0 (population std) or 1 (sample std)", a.alie_ddof)
   require(d.aggregator in RULES, "defense.aggregator", f"one of {RULES}", d.aggregator)
   require(d.detector in DETECTORS, "defense.detector", f"one of {DETECTORS}", d.detector)
   require(0.0 <= d.prune_fraction < 1.0, "defense.prune_fraction", "in [0, 1)", d.prune_fraction)
@@ -196,9 +199,9 @@ def build_attack_transform(a) -> agg_base.UpdateTransform | None:
   if a.kind == "gaussian":
     return model_poisoning.gaussian(a.stddev)
   if a.kind == "alie":
-    return model_poisoning.alie(None if a.z < 0 else a.z, a.knowledge)
+    return model_poisoning.alie(None if a.z < 0 else a.z, a.knowledge, a.stats_include_attackers, a.alie_ddof)
   if a.kind == "ipm":
-    return model_poisoning.ipm(a.epsilon, a.knowledge)
+    return model_poisoning.ipm(a.epsilon, a.knowledge, a.stats_include_attackers)
   if a.kind == "fang_trimmed_mean":
     return model_poisoning.fang_trimmed_mean(a.fang_b, a.knowledge)
   if a.kind == "fang_krum":
@@ -288,7 +291,10 @@ def build_components(config, data: FederatedData, model) -> Components:
   if attack_t is not None:
     parts.append(attack_t)
   if a.replacement:
-    parts.append(model_poisoning.model_replacement(a.replacement_scale or None))
+    # The boost divides by the server learning rate when the server applies the mean by SGD.
+    server = config.server
+    eta = server.learning_rate if server.optimizer == "sgd" and not server.get("momentum", 0.0) else 1.0
+    parts.append(model_poisoning.model_replacement(a.replacement_scale or None, server_learning_rate=eta))
   parts.append(agg_base.reject_nonfinite())
   detector = build_detector(d, model, data.server_val)
   if detector is not None:

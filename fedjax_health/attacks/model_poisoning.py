@@ -12,9 +12,13 @@ Targeted (backdoor) model poisoning, on top of training on poisoned data (``pois
 
 Untargeted (byzantine) updates, as UpdateTransforms that replace the malicious rows of the stack
 (``ctx["client_ctx"]["malicious"]``) with ``jnp.where``; those that need benign statistics see
-the whole stack. ``knowledge="full"`` uses the honestly trained updates of every client (the
-omniscient attacker of Fang et al. and Baruch et al.), ``"partial"`` only the attackers' own
-honestly trained updates (they hold benign data too):
+the whole stack. ``knowledge="full"`` is the omniscient attacker of Fang et al. and Baruch et al.,
+``"partial"`` uses only the attackers' own honestly trained updates (they hold benign data too).
+With full knowledge, ALIE and IPM take their statistics over the *honest* clients only (the
+papers' form: Baruch et al. estimate the correct workers' mean and std, Xie et al. use the mean
+of the correct gradients) and ALIE uses the sample std (``ddof=1``); ``include_attackers=True``
+(and ``ddof=0``) restores the earlier form, statistics over every client's honestly trained
+update. Fang's attacks use every client's honestly trained update, as Fang et al. do:
 
 * ``sign_flip``: ``-scale * u_i`` (reversed gradient).
 * ``gaussian``: ``N(0, stddev^2)`` per coordinate (Blanchard et al. 2017).
@@ -58,16 +62,19 @@ def _replace_rows(updates, malicious: jax.Array, new_flat: jax.Array):
   return unflatten_like(jnp.where(malicious[:, None], new_flat.astype(flat.dtype), flat), updates)
 
 
-def _reference_set(weights, malicious, knowledge: str) -> jax.Array:
+def _reference_set(weights, malicious, knowledge: str, include_attackers: bool = True) -> jax.Array:
+  """Returns the clients whose honestly trained updates the attack's statistics use."""
   valid = weights > 0
-  return valid & malicious if knowledge == "partial" else valid
+  if knowledge == "partial":
+    return valid & malicious
+  return valid if include_attackers else valid & ~malicious
 
 
-def _masked_mean_std(flat, mask):
+def _masked_mean_std(flat, mask, ddof: int = 0):
   w = mask.astype(flat.dtype)[:, None]
-  n = jnp.maximum(jnp.sum(w), 1.0)
-  mu = jnp.sum(flat * w, axis=0) / n
-  var = jnp.sum(jnp.square(flat - mu) * w, axis=0) / n
+  count = jnp.sum(w)
+  mu = jnp.sum(flat * w, axis=0) / jnp.maximum(count, 1.0)
+  var = jnp.sum(jnp.square(flat - mu) * w, axis=0) / jnp.maximum(count - ddof, 1.0)
   return mu, jnp.sqrt(var)
 
 
@@ -97,23 +104,27 @@ def pgd_projection(radius: float) -> Callable:
   return projection
 
 
-def model_replacement(scale: float | None = None) -> UpdateTransform:
+def model_replacement(scale: float | None = None, server_learning_rate: float = 1.0) -> UpdateTransform:
   """Returns the model-replacement boost (Bagdasaryan et al. 2020).
 
-  Each malicious update is multiplied by ``scale`` or, by default, by ``n_S / (m n_i)``: the
+  Each malicious update is multiplied by ``scale`` or, by default, by ``n_S / (m n_i eta)``: the
   round's total weight over the attacker's own weight, shared among the ``m`` attackers of the
-  round. With a weighted-mean server (lr 1) and honest updates near zero (a converged model),
-  the new global model is then exactly the attackers' (mean) model.
+  round, over the server learning rate ``eta`` (the paper's ``gamma = n / eta``). With a
+  weighted-mean server applying the aggregate by SGD with learning rate ``eta`` and honest updates
+  near zero (a converged model), the new global model is then exactly the attackers' (mean)
+  model. (An adaptive server optimiser rescales the step itself; the boost is then approximate.)
   """
   if scale is not None and not scale > 0:
-    raise ValueError(f"model replacement scale must be > 0 (None: n_S / n_i), got {scale}")
+    raise ValueError(f"model replacement scale must be > 0 (None: n_S / (n_i eta)), got {scale}")
+  if not (server_learning_rate > 0 and server_learning_rate < float("inf")):
+    raise ValueError(f"model replacement server_learning_rate must be finite and > 0, got {server_learning_rate}")
 
   def apply(updates, weights, state, rng, ctx):
     del rng
     mal = _malicious_mask(ctx) & (weights > 0)
     if scale is None:
       m = jnp.maximum(jnp.sum(mal), 1)
-      gamma = jnp.sum(weights) / (m * jnp.maximum(weights, 1e-12))
+      gamma = jnp.sum(weights) / (m * jnp.maximum(weights, 1e-12) * server_learning_rate)
     else:
       gamma = jnp.full(weights.shape, scale)
     gamma = jnp.where(mal, gamma, 1.0)
@@ -161,9 +172,17 @@ def alie_z(n: jax.Array, m: jax.Array) -> jax.Array:
   return ndtri(p)
 
 
-def alie(z: float | None = None, knowledge: str = "full") -> UpdateTransform:
-  """Returns "A little is enough" (Baruch et al. 2019): malicious rows ``mu - z * sigma``."""
+def alie(z: float | None = None, knowledge: str = "full", include_attackers: bool = False,
+         ddof: int = 1) -> UpdateTransform:
+  """Returns "A little is enough" (Baruch et al. 2019): malicious rows ``mu - z * sigma``.
+
+  ``mu``, ``sigma``: coordinate-wise mean and std (``ddof=1``: sample std, the paper's estimate)
+  of the honest clients' updates (full knowledge; ``include_attackers=True``: of every client's
+  honestly trained update) or of the attackers' own honestly trained updates (partial).
+  """
   _check_knowledge(knowledge)
+  if ddof not in (0, 1):
+    raise ValueError(f"ALIE ddof must be 0 (population std) or 1 (sample std), got {ddof!r}")
   if z is not None and not z >= 0:
     raise ValueError(f"ALIE z must be >= 0 (None: Baruch et al.'s z_max), got {z}")
 
@@ -171,7 +190,7 @@ def alie(z: float | None = None, knowledge: str = "full") -> UpdateTransform:
     del rng
     mal = _malicious_mask(ctx)
     flat = flatten_updates(updates)
-    mu, sigma = _masked_mean_std(flat, _reference_set(weights, mal, knowledge))
+    mu, sigma = _masked_mean_std(flat, _reference_set(weights, mal, knowledge, include_attackers), ddof)
     zz = alie_z(jnp.sum(weights > 0), jnp.sum(mal & (weights > 0))) if z is None else jnp.asarray(z)
     new = jnp.broadcast_to(mu - zz * sigma, flat.shape)
     return _replace_rows(updates, mal, new), weights, state, {"alie_z": zz}
@@ -179,8 +198,12 @@ def alie(z: float | None = None, knowledge: str = "full") -> UpdateTransform:
   return UpdateTransform(_empty_init, apply)
 
 
-def ipm(epsilon: float = 0.5, knowledge: str = "full") -> UpdateTransform:
-  """Returns inner-product manipulation (Xie et al. 2020): malicious rows ``-epsilon * mean``."""
+def ipm(epsilon: float = 0.5, knowledge: str = "full", include_attackers: bool = False) -> UpdateTransform:
+  """Returns inner-product manipulation (Xie et al. 2020): malicious rows ``-epsilon * mean``.
+
+  The mean is over the honest clients' updates (full knowledge; ``include_attackers=True``: over
+  every client's honestly trained update) or the attackers' own honestly trained updates (partial).
+  """
   _check_knowledge(knowledge)
   if not epsilon > 0:
     raise ValueError(f"IPM epsilon must be > 0, got {epsilon}")
@@ -189,7 +212,7 @@ def ipm(epsilon: float = 0.5, knowledge: str = "full") -> UpdateTransform:
     del rng
     mal = _malicious_mask(ctx)
     flat = flatten_updates(updates)
-    mu, _ = _masked_mean_std(flat, _reference_set(weights, mal, knowledge))
+    mu, _ = _masked_mean_std(flat, _reference_set(weights, mal, knowledge, include_attackers))
     return _replace_rows(updates, mal, jnp.broadcast_to(-epsilon * mu, flat.shape)), weights, state, {}
 
   return UpdateTransform(_empty_init, apply)

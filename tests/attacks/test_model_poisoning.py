@@ -69,8 +69,8 @@ def test_pgd_local_training_stays_inside_the_ball_after_every_step():
     assert norm(d) <= radius * (1 + 1e-5)
 
 
-@pytest.mark.parametrize("attackers", [[2], [0, 3]])
-def test_model_replacement_makes_fedavg_return_the_attackers_model_exactly(attackers):
+@pytest.mark.parametrize("attackers, eta", [([2], 1.0), ([0, 3], 1.0), ([2], 0.25)])
+def test_model_replacement_makes_fedavg_return_the_attackers_model_exactly(attackers, eta):
   """Others send zero updates: the weighted mean after boosting is exactly X - G, so server SGD
   with lr 1 lands on the attacker's model X."""
   rng = np.random.default_rng(0)
@@ -80,15 +80,15 @@ def test_model_replacement_makes_fedavg_return_the_attackers_model_exactly(attac
   flat = np.zeros((5, 7), np.float32)
   flat[attackers] = target - global_model
   mal = np.isin(np.arange(5), attackers)
-  agg_fn = agg_base.chain(mp.model_replacement(), agg_base.weighted_mean())
+  agg_fn = agg_base.chain(mp.model_replacement(server_learning_rate=eta), agg_base.weighted_mean())
   agg, _, info = agg_fn.apply(_stack(flat), jnp.asarray(weights), agg_fn.init(None), jax.random.key(0), _ctx(mal))
   params = {"a": jnp.asarray(global_model[:3]), "b": jnp.asarray(global_model[3:]).reshape(-1, 1)}
-  sgd = optax.sgd(1.0)
+  sgd = optax.sgd(eta)
   upd, _ = sgd.update(jax.tree.map(jnp.negative, agg), sgd.init(params), params)
   new = optax.apply_updates(params, upd)
   np.testing.assert_allclose(np.concatenate([new["a"], new["b"].ravel()]), target, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(float(info["replacement_scale"]),
-                             weights.sum() / (len(attackers) * weights[attackers].min()), rtol=1e-6)
+                             weights.sum() / (len(attackers) * weights[attackers].min() * eta), rtol=1e-6)
 
 
 def test_model_replacement_with_fixed_scale_only_scales_attackers():
@@ -103,7 +103,9 @@ def test_sign_flip_gaussian_ipm_replace_only_malicious_rows():
   mal = [False, True, False, True]
   out, _ = _run(mp.sign_flip(2.0), flat, mal)
   np.testing.assert_allclose(out.reshape(4, 6), np.where(np.array(mal)[:, None], -2 * flat, flat), rtol=1e-6)
-  out, _ = _run(mp.ipm(0.3), flat, mal)
+  out, _ = _run(mp.ipm(0.3), flat, mal)  # Xie et al.: the mean of the honest clients' updates
+  np.testing.assert_allclose(out.reshape(4, 6)[1], -0.3 * flat[[0, 2]].mean(0), rtol=1e-5)
+  out, _ = _run(mp.ipm(0.3, include_attackers=True), flat, mal)
   np.testing.assert_allclose(out.reshape(4, 6)[1], -0.3 * flat.mean(0), rtol=1e-5)
   out, _ = _run(mp.ipm(0.3, knowledge="partial"), flat, mal)
   np.testing.assert_allclose(out.reshape(4, 6)[3], -0.3 * flat[[1, 3]].mean(0), rtol=1e-5)
@@ -124,7 +126,11 @@ def test_alie_sends_mean_minus_z_std_of_the_reference_updates():
   rng = np.random.default_rng(1)
   flat = rng.normal(size=(6, 6)).astype(np.float32)
   mal = [True, False, False, True, False, False]
-  out, info = _run(mp.alie(z=1.5), flat, mal)
+  out, info = _run(mp.alie(z=1.5), flat, mal)  # Baruch et al.: honest clients, sample std
+  honest = flat[[1, 2, 4, 5]]
+  expect = honest.mean(0) - 1.5 * honest.std(0, ddof=1)
+  np.testing.assert_allclose(out.reshape(6, 6)[[0, 3]], [expect, expect], rtol=1e-5, atol=1e-6)
+  out, info = _run(mp.alie(z=1.5, include_attackers=True, ddof=0), flat, mal)  # the earlier form
   expect = flat.mean(0) - 1.5 * flat.std(0)
   np.testing.assert_allclose(out.reshape(6, 6)[[0, 3]], [expect, expect], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(out.reshape(6, 6)[[1, 2, 4, 5]], flat[[1, 2, 4, 5]])
