@@ -2,13 +2,15 @@
 
 Client updates arrive stacked, ``[cohort, ...]`` per leaf, with ``weights [cohort]`` (examples
 used by default) and a context dict ``ctx`` (``params``: the round's global params, ``round``,
-``client_ctx``: per-client context such as the malicious mask ``[cohort]``).
+``cohort``, ``client_ctx``: per-client context such as the malicious mask ``[cohort]``; the
+convention, and the keys each transform reads, are in ``fedjax_health.context``).
 
 * ``UpdateTransform(init, apply)``: ``apply(updates, weights, state, rng, ctx) ->
   (updates, weights, state, info)`` changes the stack (clipping, noise, attacks, rejection).
 * ``Aggregator(init, apply)``: ``apply(updates, weights, state, rng, ctx) ->
   (aggregate, state, info)`` combines the stack into one update.
-* ``chain(t1, ..., aggregator)`` composes transforms in order, then the aggregator.
+* ``chain(t1, ..., aggregator)`` composes transforms in order, then the aggregator;
+  ``chain(t1, t2)`` (no aggregator) is itself an UpdateTransform.
 * ``StreamingAggregator(client_scale, finalize)``: an aggregator *linear* in the updates,
   ``finalize(sum_c scale_c * update_c, sum_c stats_c, rng)``, with each client's scalar ``scale``
   and ``stats`` from ``client_scale(norm, weight, client_ctx)``. The round computes it streaming
@@ -96,41 +98,62 @@ def identity() -> UpdateTransform:
   return UpdateTransform(_empty_init, apply)
 
 
-def chain(*parts) -> Aggregator:
-  """Returns an Aggregator applying UpdateTransforms in order, then the final Aggregator.
+def chain(*parts) -> Aggregator | UpdateTransform:
+  """Returns the parts applied in order: an Aggregator when the last part is one, else an
+  UpdateTransform (a chain of transforms only, to run before an aggregator of your own).
 
-  Info keys are prefixed with the part's position when two parts report the same key.
+  Info keys are prefixed with the part's position when two parts report the same key (the
+  ``rejected`` masks are OR-ed). ``rng`` may be None when no part draws random numbers (a
+  randomised part then raises naming itself); ``ctx`` may be None when no part reads it.
   """
-  if not parts or not isinstance(parts[-1], Aggregator):
-    raise TypeError("chain(...) needs UpdateTransforms followed by exactly one Aggregator")
-  transforms, aggregator = parts[:-1], parts[-1]
-  for t in transforms:
+  if not parts:
+    raise TypeError("chain(...) needs at least one UpdateTransform or Aggregator")
+  ends_in_aggregator = isinstance(parts[-1], Aggregator)
+  transforms = parts[:-1] if ends_in_aggregator else parts
+  for i, t in enumerate(transforms):
     if not isinstance(t, UpdateTransform):
-      raise TypeError(f"chain(...) got {type(t).__name__} before the final Aggregator")
+      where = "before the final Aggregator" if ends_in_aggregator else "(only the last part may be an Aggregator)"
+      raise TypeError(f"chain(...) part {i} is a {type(t).__name__} {where}; expected an UpdateTransform")
 
   def init(params):
     return tuple(p.init(params) for p in parts)
 
-  def apply(updates, weights, state, rng, ctx):
-    keys = jax.random.split(rng, len(parts))
+  def split(rng):
+    return [None] * len(parts) if rng is None else jax.random.split(rng, len(parts))
+
+  def merge(info, i, part_info):
+    for k, v in part_info.items():
+      if k in info and k == "rejected":
+        info[k] = info[k] | v
+      elif k in info:
+        info[f"{i}/{k}"] = v
+      else:
+        info[k] = v
+
+  def run_transforms(updates, weights, state, keys, ctx):
     new_state, info = [], {}
-
-    def merge(i, part_info):
-      for k, v in part_info.items():
-        if k in info and k == "rejected":
-          info[k] = info[k] | v
-        elif k in info:
-          info[f"{i}/{k}"] = v
-        else:
-          info[k] = v
-
-    for i, (t, s) in enumerate(zip(transforms, state[:-1])):
-      updates, weights, s, t_info = t.apply(updates, weights, s, keys[i], ctx)
+    for i, t in enumerate(transforms):
+      updates, weights, s, t_info = t.apply(updates, weights, state[i], keys[i], ctx)
       new_state.append(s)
-      merge(i, t_info)
+      merge(info, i, t_info)
+    return updates, weights, new_state, info
+
+  if not ends_in_aggregator:
+
+    def apply_transforms(updates, weights, state, rng=None, ctx=None):
+      updates, weights, new_state, info = run_transforms(updates, weights, state, split(rng), ctx)
+      return updates, weights, tuple(new_state), info
+
+    return UpdateTransform(init, apply_transforms)
+
+  aggregator = parts[-1]
+
+  def apply(updates, weights, state, rng=None, ctx=None):
+    keys = split(rng)
+    updates, weights, new_state, info = run_transforms(updates, weights, state, keys, ctx)
     agg, s, a_info = aggregator.apply(updates, weights, state[-1], keys[-1], ctx)
     new_state.append(s)
-    merge(len(transforms), a_info)
+    merge(info, len(transforms), a_info)
     return agg, tuple(new_state), info
 
   return Aggregator(init, apply)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_health import context
 from fedjax_health.aggregators.base import Aggregator, EmptyState, flatten_updates, unflatten_like
 
 Distance = Callable[[jax.Array, jax.Array], jax.Array]
@@ -158,7 +159,7 @@ def per_cluster_mean(num_clusters: int) -> Aggregator:
 
   def apply(updates, weights, state, rng, ctx):
     del rng
-    assign = ctx["client_ctx"]["cluster"]
+    assign = context.client_array(ctx, "cluster", "per_cluster_mean")
     agg = per_cluster_weighted_mean(updates, weights, assign, num_clusters)
     info = {"cluster_weight": jax.ops.segment_sum(weights, assign, num_segments=num_clusters)}
     return agg, state, info
@@ -199,8 +200,9 @@ def multicenter_kmeans(num_clusters: int, distance: str | Distance = "l2", num_i
     return kmeans(points, weights, seeds, num_iters, distance)
 
   def apply(updates, weights, state, rng, ctx):
-    centers = ctx["params"]
-    start = ctx["client_ctx"]["cluster"]
+    context.require_rng(rng, "multicenter_kmeans (K-means++ seeding)")
+    centers = context.require(ctx, "params", "multicenter_kmeans (the K cluster models, leaves [K, ...])")
+    start = context.client_array(ctx, "cluster", "multicenter_kmeans")
     flat_centers = flatten_updates(centers)  # [K, P]
     client_models = flatten_updates(updates) + jnp.take(flat_centers, start, axis=0)
     warm = kmeans(client_models, weights, flat_centers, num_iters, distance)

@@ -1,5 +1,9 @@
 """Detection of malicious updates: clustering (Auror), autoencoder anomaly scores, LRR/ERR.
 
+Context (``fedjax_health.context``): ``loss_rejection`` reads ``ctx["params"]`` (the global
+params the updates apply to), ``track_rejections`` reads ``ctx["cohort"]`` (client ids) and, when
+present, ``ctx["client_ctx"]["malicious"]``; the other detectors read no context.
+
 Each detector is an ``UpdateTransform`` that sets the weight of the clients it flags to 0 and
 reports them as ``info["rejected"] [cohort]``; chain it before any aggregator (the robust rules
 treat weight-0 clients as absent). ``track_rejections`` wraps a whole aggregator and keeps, in
@@ -33,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_health import context
 from fedjax_health.aggregators.base import Aggregator, EmptyState, UpdateTransform, flatten_updates, unflatten_like
 from fedjax_health.models import per_example_loss, predict_labels
 
@@ -240,7 +245,7 @@ def loss_rejection(apply_fn: Callable, val_x, val_y, num_reject: int, metric: st
     total = jnp.sum(w)
     full = (w @ flat) / jnp.maximum(total, 1e-12)
     loo = ((w @ flat)[None, :] - w[:, None] * flat) / jnp.maximum(total - w, 1e-12)[:, None]
-    params = ctx["params"]
+    params = context.require(ctx, "params", f"loss_rejection ({metric})")
     add = lambda delta: jax.tree.map(lambda p, d: p + d.astype(p.dtype), params, unflatten_like(delta, updates))
     with_all = evaluate(add(full))
     without = jax.lax.map(lambda d: evaluate(add(d)), loo)
@@ -286,8 +291,8 @@ def track_rejections(aggregator: Aggregator, num_clients: int) -> Aggregator:
     agg, inner, info = aggregator.apply(updates, weights, inner, rng, ctx)
     sent = weights > 0
     rej = jnp.asarray(info.get("rejected", jnp.zeros_like(sent)), bool) & sent
-    mal = jnp.asarray(ctx.get("client_ctx", {}).get("malicious", jnp.zeros_like(sent)), bool) & sent
-    cohort = ctx["cohort"]
+    mal = jnp.asarray(((ctx or {}).get("client_ctx") or {}).get("malicious", jnp.zeros_like(sent)), bool) & sent
+    cohort = context.require(ctx, "cohort", "track_rejections")
     st = RejectionStats(st.sampled.at[cohort].add(sent.astype(jnp.int32)),
                         st.rejected.at[cohort].add(rej.astype(jnp.int32)),
                         st.malicious_sent + jnp.sum(mal), st.malicious_rejected + jnp.sum(rej & mal),

@@ -27,6 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fedjax_health import context
 from fedjax_health.aggregators.base import (Aggregator, EmptyState, UpdateTransform, client_norms,
                                             flatten_updates, unflatten_like, weighted_mean)
 
@@ -329,6 +330,7 @@ def weak_dp(max_norm: float, stddev: float) -> Aggregator:
   mean = weighted_mean()
 
   def apply(updates, weights, state, rng, ctx):
+    context.require_rng(rng, "weak_dp")
     updates, weights, _, info = clip.apply(updates, weights, EmptyState(), rng, ctx)
     agg, _, _ = mean.apply(updates, weights, EmptyState(), rng, ctx)
     leaves, treedef = jax.tree.flatten(agg)

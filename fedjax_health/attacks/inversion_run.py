@@ -39,6 +39,7 @@ from fedjax_health.data import heart_disease
 from fedjax_health.data import registry as data_registry
 from fedjax_health.data.federated import BatchPlanSpec, FederatedData, FederatedDataset
 from fedjax_health.simulation import build_model, register_mode
+from fedjax_health import context
 
 ATTACKS = ("dlg", "idlg", "inverting_gradients")
 
@@ -116,7 +117,7 @@ def capture_updates(cohort_size: int) -> UpdateTransform:
 
   def apply(updates, weights, state, rng, ctx):
     del state, rng
-    return updates, weights, CaptureState(updates, ctx["cohort"].astype(jnp.int32)), {}
+    return updates, weights, CaptureState(updates, jnp.asarray(context.require(ctx, "cohort", "update capture"), jnp.int32)), {}
 
   return UpdateTransform(init, apply)
 

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtri
 
+from fedjax_health import context
 from fedjax_health.aggregators import robust
 from fedjax_health.aggregators.base import EmptyState, UpdateTransform, flatten_updates, unflatten_like
 
@@ -52,8 +53,8 @@ def _empty_init(params):
   return EmptyState()
 
 
-def _malicious_mask(ctx) -> jax.Array:
-  return jnp.asarray(ctx["client_ctx"]["malicious"], bool)
+def _malicious_mask(ctx, who: str) -> jax.Array:
+  return jnp.asarray(context.client_array(ctx, "malicious", who), bool)
 
 
 def _replace_rows(updates, malicious: jax.Array, new_flat: jax.Array):
@@ -90,7 +91,8 @@ def _check_knowledge(knowledge: str) -> None:
 def pgd_projection(radius: float) -> Callable:
   """Returns the projection hook keeping a malicious client within ``||w_i - w|| <= radius``.
 
-  Honest clients (``ctx["malicious"]`` False) are left unchanged.
+  A client-level hook: ``ctx`` is this client's row of the context (``{"malicious": bool}``, see
+  ``fedjax_health.context``); honest clients (``ctx["malicious"]`` False) are left unchanged.
   """
   if not radius > 0:
     raise ValueError(f"PGD radius must be > 0, got {radius}")
@@ -98,7 +100,8 @@ def pgd_projection(radius: float) -> Callable:
   def projection(params, anchor, ctx):
     delta = jax.tree.map(jnp.subtract, params, anchor)
     norm = jnp.sqrt(sum(jnp.sum(jnp.square(d)) for d in jax.tree.leaves(delta)))
-    scale = jnp.where(jnp.asarray(ctx["malicious"], bool), jnp.minimum(1.0, radius / jnp.maximum(norm, 1e-12)), 1.0)
+    mal = jnp.asarray(context.client_value(ctx, "malicious", "pgd_projection"), bool)
+    scale = jnp.where(mal, jnp.minimum(1.0, radius / jnp.maximum(norm, 1e-12)), 1.0)
     return jax.tree.map(lambda a, d: a + (scale * d).astype(d.dtype), anchor, delta)
 
   return projection
@@ -121,7 +124,7 @@ def model_replacement(scale: float | None = None, server_learning_rate: float = 
 
   def apply(updates, weights, state, rng, ctx):
     del rng
-    mal = _malicious_mask(ctx) & (weights > 0)
+    mal = _malicious_mask(ctx, "model_replacement") & (weights > 0)
     if scale is None:
       m = jnp.maximum(jnp.sum(mal), 1)
       gamma = jnp.sum(weights) / (m * jnp.maximum(weights, 1e-12) * server_learning_rate)
@@ -146,7 +149,7 @@ def sign_flip(scale: float = 1.0) -> UpdateTransform:
   def apply(updates, weights, state, rng, ctx):
     del rng
     flat = flatten_updates(updates)
-    return _replace_rows(updates, _malicious_mask(ctx), -scale * flat), weights, state, {}
+    return _replace_rows(updates, _malicious_mask(ctx, "sign_flip"), -scale * flat), weights, state, {}
 
   return UpdateTransform(_empty_init, apply)
 
@@ -157,9 +160,10 @@ def gaussian(stddev: float) -> UpdateTransform:
     raise ValueError(f"gaussian attack stddev must be > 0, got {stddev}")
 
   def apply(updates, weights, state, rng, ctx):
+    context.require_rng(rng, "gaussian attack")
     flat = flatten_updates(updates)
     noise = stddev * jax.random.normal(rng, flat.shape, flat.dtype)
-    return _replace_rows(updates, _malicious_mask(ctx), noise), weights, state, {}
+    return _replace_rows(updates, _malicious_mask(ctx, "gaussian"), noise), weights, state, {}
 
   return UpdateTransform(_empty_init, apply)
 
@@ -188,7 +192,7 @@ def alie(z: float | None = None, knowledge: str = "full", include_attackers: boo
 
   def apply(updates, weights, state, rng, ctx):
     del rng
-    mal = _malicious_mask(ctx)
+    mal = _malicious_mask(ctx, "alie")
     flat = flatten_updates(updates)
     mu, sigma = _masked_mean_std(flat, _reference_set(weights, mal, knowledge, include_attackers), ddof)
     zz = alie_z(jnp.sum(weights > 0), jnp.sum(mal & (weights > 0))) if z is None else jnp.asarray(z)
@@ -210,7 +214,7 @@ def ipm(epsilon: float = 0.5, knowledge: str = "full", include_attackers: bool =
 
   def apply(updates, weights, state, rng, ctx):
     del rng
-    mal = _malicious_mask(ctx)
+    mal = _malicious_mask(ctx, "ipm")
     flat = flatten_updates(updates)
     mu, _ = _masked_mean_std(flat, _reference_set(weights, mal, knowledge, include_attackers))
     return _replace_rows(updates, mal, jnp.broadcast_to(-epsilon * mu, flat.shape)), weights, state, {}
@@ -231,7 +235,8 @@ def fang_trimmed_mean(b: float = 2.0, knowledge: str = "full") -> UpdateTransfor
     raise ValueError(f"Fang attack b must be > 1, got {b}")
 
   def apply(updates, weights, state, rng, ctx):
-    mal = _malicious_mask(ctx)
+    context.require_rng(rng, "fang_trimmed_mean attack")
+    mal = _malicious_mask(ctx, "fang_trimmed_mean")
     flat = flatten_updates(updates)
     ref = _reference_set(weights, mal, knowledge)
     mu, _ = _masked_mean_std(flat, ref)
@@ -266,7 +271,7 @@ def fang_krum(num_byzantine: int | None = None, num_halvings: int = 24, knowledg
 
   def apply(updates, weights, state, rng, ctx):
     del rng
-    mal = _malicious_mask(ctx)
+    mal = _malicious_mask(ctx, "fang_krum")
     valid = weights > 0
     flat = flatten_updates(updates)
     ref = _reference_set(weights, mal, knowledge)
@@ -314,6 +319,6 @@ def nonfinite() -> UpdateTransform:
   def apply(updates, weights, state, rng, ctx):
     del rng
     flat = flatten_updates(updates)
-    return _replace_rows(updates, _malicious_mask(ctx), jnp.full_like(flat, jnp.nan)), weights, state, {}
+    return _replace_rows(updates, _malicious_mask(ctx, "nonfinite"), jnp.full_like(flat, jnp.nan)), weights, state, {}
 
   return UpdateTransform(_empty_init, apply)

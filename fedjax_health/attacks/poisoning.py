@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_health import context
 from fedjax_health.data.federated import FederatedData, FederatedDataset
 from fedjax_health.models import predict_labels
 
@@ -116,7 +117,7 @@ def attacker_ctx_fn(num_clients: int, *, fraction: float = 0.0, clients: Sequenc
 
 
 def _malicious(ctx) -> jax.Array:
-  return jnp.asarray(ctx["malicious"], bool)
+  return jnp.asarray(context.client_value(ctx, "malicious", "data poisoning (data_transform hook)"), bool)
 
 
 def compose_data_transforms(*fns: DataTransform | None) -> DataTransform | None:

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fedjax_health import context
 from fedjax_health.aggregators.base import (Aggregator, EmptyState, StreamingAggregator, UpdateTransform, client_norms,
                                            stacked, weighted_sum)
 
@@ -260,7 +261,7 @@ def public_weighted_mean(client_weights) -> Aggregator:
 
   def apply(updates, weights, state, rng, ctx):
     del rng
-    w = jnp.where(participation(weights, ctx), table[ctx["cohort"]], 0.0)
+    w = jnp.where(participation(weights, ctx), table[context.require(ctx, "cohort", "public_weighted_mean")], 0.0)
     w = w / jnp.maximum(jnp.sum(w), 1e-12)
     return weighted_sum(updates, w), state, {}
 
