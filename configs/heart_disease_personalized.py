@@ -11,7 +11,8 @@ multicenter, ifca, cfl with ``--config.algorithm``. ~10 s per method on a 2-core
   python -m launch.main --config=configs/heart_disease_personalized.py:smoke --workdir=/tmp/hd_pers
 """
 
-from fedjax_health.algorithms import clustered, personalized
+from fedjax_health.algorithms import clustered_experiment as clustered
+from fedjax_health.algorithms import personalized_experiment as personalized
 from fedjax_health.config_base import base_config
 
 

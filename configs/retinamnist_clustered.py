@@ -13,7 +13,8 @@ local_only, apfl, ditto, interpolation, finetune) method, or fedavg, with ``--co
   python -m launch.main --config=configs/retinamnist_clustered.py:smoke --workdir=/tmp/retina_cl
 """
 
-from fedjax_health.algorithms import clustered, personalized
+from fedjax_health.algorithms import clustered_experiment as clustered
+from fedjax_health.algorithms import personalized_experiment as personalized
 from fedjax_health.config_base import base_config
 
 

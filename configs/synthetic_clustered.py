@@ -10,7 +10,8 @@ clustered or personalised method with ``--config.algorithm`` (LG-FedAvg needs a 
   python -m launch.main --config=configs/synthetic_clustered.py:smoke --workdir=/tmp/synth_cl
 """
 
-from fedjax_health.algorithms import clustered, personalized
+from fedjax_health.algorithms import clustered_experiment as clustered
+from fedjax_health.algorithms import personalized_experiment as personalized
 from fedjax_health.config_base import base_config
 
 

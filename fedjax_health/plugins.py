@@ -8,9 +8,9 @@ import importlib
 
 PLUGIN_MODULES = [
     "fedjax_health.algorithms.registry",
-    "fedjax_health.algorithms.clustered",
-    "fedjax_health.algorithms.personalized",
-    "fedjax_health.data.shifts",
+    "fedjax_health.algorithms.clustered_experiment",
+    "fedjax_health.algorithms.personalized_experiment",
+    "fedjax_health.data.shifts_registry",
     "fedjax_health.privacy.experiment",
     "fedjax_health.attacks.inversion_run",
     "fedjax_health.attacks.attack_defense",

@@ -13,7 +13,8 @@ known and methods can be scored on recovering it (adjusted Rand index).
   ``medmnist.load(feature_shift=...)`` and ``partition.apply_partition``.
 * ``clustered_label_skew``: each class split across clusters by Dir(alpha), uniformly within one.
 * ``load_clustered_medmnist``: MedMNIST with both, ``client_meta["cluster"]`` = planted clusters;
-  registered as datasets ``breastmnist_clustered`` and ``retinamnist_clustered``.
+  registered as datasets ``breastmnist_clustered`` and ``retinamnist_clustered`` by the wiring
+  module ``fedjax_health.data.shifts_registry`` (this module imports no config machinery).
 """
 
 from __future__ import annotations
@@ -23,10 +24,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from fedjax_health import config_validation
 from fedjax_health.data import medmnist
 from fedjax_health.data import partition as part
-from fedjax_health.data import registry as data_registry
 from fedjax_health.data.federated import FederatedData
 
 
@@ -195,28 +194,11 @@ def load_clustered_medmnist(subset: str = "retinamnist", num_clients: int = 12, 
                        server_val={"x": x_val, "y": y_val}, client_meta={"cluster": clusters})
 
 
-def _registry_loader(subset: str):
-  def load(cfg, seed: int) -> FederatedData:
-    return load_clustered_medmnist(subset, num_clients=cfg.num_clients, num_clusters=cfg.num_clusters,
-                                   alpha=cfg.get("alpha", 1.0), seed=seed + cfg.get("partition_seed", 0),
-                                   strength=cfg.get("shift_strength", 1.0), path=cfg.get("path") or None)
-  return load
+_WIRING = ("check_clustered_dataset",)
 
 
-for _subset in medmnist.SUBSETS:
-  data_registry.DATASETS[f"{_subset}_clustered"] = _registry_loader(_subset)
-
-
-@config_validation.register_check
-def check_clustered_dataset(config, data=None) -> None:
-  """Validates ``config.dataset`` for the ``*_clustered`` MedMNIST datasets."""
-  del data
-  ds = config.dataset
-  if not ds.name.endswith("_clustered"):
-    return
-  require = config_validation.require
-  require(ds.num_clients >= 1, "dataset.num_clients", ">= 1", ds.num_clients)
-  require(1 <= ds.get("num_clusters", 0) <= min(len(ACQUISITION_SHIFTS), ds.num_clients), "dataset.num_clusters",
-          f"in [1, min({len(ACQUISITION_SHIFTS)}, dataset.num_clients={ds.num_clients})]", ds.get("num_clusters"))
-  require(ds.alpha > 0, "dataset.alpha", "> 0", ds.alpha)
-  require(ds.get("shift_strength", 1.0) >= 0, "dataset.shift_strength", ">= 0", ds.get("shift_strength"))
+def __getattr__(name):  # the config check moved to the wiring module; old imports keep working
+  if name in _WIRING:
+    from fedjax_health.data import shifts_registry  # pylint: disable=import-outside-toplevel
+    return getattr(shifts_registry, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,7 +3,7 @@ import pytest
 
 from fedjax_health import config_validation
 from fedjax_health.config_base import base_config
-from fedjax_health.data import registry, shifts
+from fedjax_health.data import registry, shifts, shifts_registry
 
 
 def _images(n=5, seed=0):
@@ -98,7 +98,7 @@ def test_registry_and_config_check():
   config.dataset.num_clients = 4
   config.dataset.num_clusters = 5
   with pytest.raises(ValueError, match="config.dataset.num_clusters must be in"):
-    shifts.check_clustered_dataset(config)
+    shifts_registry.check_clustered_dataset(config)
   config.dataset.num_clusters = 2
   config_validation.validate_config(config)
   data = registry.load_data(config.dataset, seed=0)
