@@ -18,6 +18,14 @@ per cluster.
   cosine similarity of their updates (``aggregators.clustered.bipartition``); at most one split a
   round, up to ``num_clusters`` clusters.
 
+Partial participation. A client's cluster id is ``-1`` until it first trains (never sampled:
+*unassigned*, not "cluster 0"). An unassigned client picks, when it is next sampled, the active
+cluster model of lowest loss on its data (``ifca_choose``, IFCA's rule: the only information a
+client that did not take part in the clustering has); evaluation does the same with its training
+data. When CFL splits a cluster, the members that were absent that round cannot be placed by the
+similarity of their updates, so they become unassigned and choose between the active clusters
+(the two halves included) the next time they are sampled. ``info["unassigned_clients"]`` counts them.
+
 Evaluation: every client's own cluster model on its own test split, plus the adjusted Rand index
 of the clusters against the planted ones where the data has them.
 """
@@ -64,6 +72,21 @@ def cluster_losses(model, stacked: Params, x: jax.Array, y: jax.Array, mask: jax
   return jax.vmap(lambda p: client_lib.masked_mean(model.example_losses(p, xf, yf), mf))(stacked)
 
 
+def ifca_choose(example_losses: Callable, cluster_params: Params, x: jax.Array, y: jax.Array,
+                mask: jax.Array | None = None, num_active=None) -> tuple[jax.Array, jax.Array]:
+  """Returns (cluster index, ``[K]`` losses): IFCA's cluster estimate (Ghosh et al. 2020, Alg. 1).
+
+  The client evaluates every cluster model (leaves ``[K, ...]``) on its examples ``x [N, ...]``,
+  ``y [N]`` (``mask [N]`` marks real examples) and picks the one of lowest mean loss; clusters
+  ``>= num_active`` are never picked. Pure and jittable; ``example_losses(params, x, y) -> [N]``.
+  """
+  mask = jnp.ones(y.shape[:1], bool) if mask is None else mask
+  losses = jax.vmap(lambda p: client_lib.masked_mean(example_losses(p, x, y), mask))(cluster_params)
+  if num_active is not None:
+    losses = jnp.where(jnp.arange(losses.shape[0]) < num_active, losses, jnp.inf)
+  return jnp.argmin(losses).astype(jnp.int32), losses
+
+
 def clustered_round(model, *, num_clients: int, cohort_size: int, plan, num_clusters: int,
                     client_opt: optax.GradientTransformation, server_opt: optax.GradientTransformation,
                     aggregator: agg_base.Aggregator, select: str = "stored", clients_per_step: int = 1,
@@ -95,8 +118,9 @@ def clustered_round(model, *, num_clients: int, cohort_size: int, plan, num_clus
     leading = {leaf.shape[0] for leaf in jax.tree.leaves(cluster_params)}
     if leading != {num_clusters}:
       raise ValueError(f"cluster params must have leading dimension num_clusters={num_clusters}, got {leading}")
+    unassigned = jnp.full(num_clients, -1, jnp.int32)  # -1: never trained, no cluster yet
     return ClusteredState(cluster_params, jax.vmap(server_opt.init)(cluster_params),
-                          aggregator.init(cluster_params), {"cluster": jnp.zeros(num_clients, jnp.int32)},
+                          aggregator.init(cluster_params), {"cluster": unassigned},
                           jnp.asarray(num_active, jnp.int32), jnp.zeros((), jnp.int32))
 
   def round_fn(state: ClusteredState, train: dict, rng: jax.Array):
@@ -110,15 +134,19 @@ def clustered_round(model, *, num_clients: int, cohort_size: int, plan, num_clus
     def one(pc):
       offset, pos_c, mask_c, key, ctx_c, k = pc
       batch = client_lib.gather_client_batches(train["arrays"], offset, pos_c)
-      if select == "min_loss":
-        losses = cluster_losses(model, centers, batch["x"], batch["y"], mask_c)
-        losses = jnp.where(jnp.arange(num_clusters) < state.num_active, losses, jnp.inf)
-        k = jnp.where(jnp.any(mask_c), jnp.argmin(losses).astype(jnp.int32), k)
+      has_data = jnp.any(mask_c)
+      choose = lambda: ifca_choose(model.example_losses, centers, batch["x"].reshape((-1,) + batch["x"].shape[2:]),
+                                   batch["y"].reshape(-1), mask_c.reshape(-1), state.num_active)[0]
+      if select == "min_loss":  # IFCA: every client chooses every round
+        k = jnp.where(has_data, choose(), k)
+      else:  # stored: only an unassigned client chooses (lax.cond: the others skip the K evaluations)
+        k = jax.lax.cond(k < 0, choose, lambda: k)
+      k = jnp.maximum(k, 0)  # an unassigned client without data trains (zero steps) cluster 0's model
       start = _take(centers, k)
       fit = client_lib.masked_mean(model.example_losses(start, batch["x"][0], batch["y"][0]), mask_c[0])
       delta, aux = client_lib.local_train(trainer, start, batch["x"], batch["y"], mask_c, key, ctx_c)
       aux["cluster"] = k
-      aux["fit_loss"] = jnp.where(jnp.any(mask_c), fit, -jnp.inf)
+      aux["fit_loss"] = jnp.where(has_data, fit, -jnp.inf)
       return delta, aux
 
     per_client = (train["offsets"][cohort], pos, mask, jax.random.split(k_clients, cohort_size), ctx, stored)
@@ -141,11 +169,17 @@ def clustered_round(model, *, num_clients: int, cohort_size: int, plan, num_clus
           centers, opt_state, assigned, num_active, updates, weights, agg, state.round)
     keep = weights > 0  # a client without data this round keeps its cluster
     clients = state_lib.scatter(state.clients, cohort, {"cluster": assigned}, keep)
+    if "split_from" in split_info:  # members of a split cluster absent this round become unassigned
+      present = jnp.zeros(num_clients, jnp.int32).at[cohort].max(keep.astype(jnp.int32)) > 0
+      orphaned = (split_info["split"] > 0) & (state.clients["cluster"] == split_info["split_from"]) & ~present
+      clients = {**clients, "cluster": jnp.where(orphaned, -1, clients["cluster"])}
+      split_info = {**split_info, "orphaned_by_split": jnp.sum(orphaned)}
     metrics = {
         "train_loss": jnp.sum(aux["loss"] * weights) / jnp.maximum(jnp.sum(weights), 1.0),
         "examples_used": jnp.sum(weights),
         "num_clusters": num_active,
         "clusters_used": jnp.sum(jnp.bincount(assigned, weights=keep.astype(jnp.float32), length=num_clusters) > 0),
+        "unassigned_clients": jnp.sum(clients["cluster"] < 0),
     }
     metrics.update({k: v for k, v in {**info, **split_info}.items() if jnp.ndim(v) == 0})
     return ClusteredState(centers, opt_state, agg_state, clients, num_active, state.round + 1), metrics
@@ -176,7 +210,8 @@ def cfl_split(num_clusters: int, eps1: float, eps2: float, warmup_rounds: int, m
   >= ``warmup_rounds``, fewer than ``num_clusters`` clusters exist, ``||mean update|| < eps1 *
   max ||update_i||`` and ``max ||update_i|| > eps2``. The candidate with the largest max norm is
   bipartitioned by cosine similarity of its clients' updates; the split-off group gets a new
-  cluster that starts as a copy of the parent's model (and server optimiser state).
+  cluster that starts as a copy of the parent's model (and server optimiser state). Info
+  ``split_from``: the parent's index (``clustered_round`` makes its absent members unassigned).
   """
   if not 0.0 < eps1 <= 1.0:
     raise ValueError(f"CFL eps1 (mean/max update norm ratio) must be in (0, 1], got {eps1}")
@@ -201,7 +236,7 @@ def cfl_split(num_clusters: int, eps1: float, eps2: float, warmup_rounds: int, m
     off = agg_clustered.bipartition(sim, members[k]) & do_split
     new_id = jnp.minimum(num_active, num_clusters - 1)
     copy = lambda t: jax.tree.map(lambda a: jnp.where(do_split, a.at[new_id].set(a[k]), a), t)
-    info = {"split": do_split.astype(jnp.int32), "max_update_norm": jnp.max(max_norm),
+    info = {"split": do_split.astype(jnp.int32), "split_from": k.astype(jnp.int32), "max_update_norm": jnp.max(max_norm),
             "mean_update_norm_ratio": jnp.max(jnp.where(max_norm > 0, mean_norm / jnp.maximum(max_norm, 1e-12), 0.0))}
     return (copy(centers), copy(opt_state), jnp.where(off, new_id, assigned).astype(jnp.int32),
             num_active + do_split.astype(jnp.int32), info)
@@ -214,17 +249,31 @@ def cfl_split(num_clusters: int, eps1: float, eps2: float, warmup_rounds: int, m
 
 
 def make_cluster_evaluate(model, data: FederatedData):
-  """Returns ``evaluate(cluster_params [K, ...], cluster [num_clients]) -> metrics``.
+  """Returns ``evaluate(cluster_params [K, ...], cluster [num_clients], num_active=K) -> metrics``.
 
   Runs the K models over the whole test set once each and keeps, for every example, the logits
-  of its client's cluster (K passes instead of one per client). Adds ``ari`` (adjusted Rand index
-  against ``data.client_meta["cluster"]`` when it has two or more planted clusters) and
-  ``clusters_used``.
+  of its client's cluster (K passes instead of one per client). An unassigned client (cluster
+  ``-1``: never sampled, or absent when its cluster split) is judged with the active cluster model
+  of lowest loss on its own *training* data (``ifca_choose``'s rule; what it would pick when
+  joining), never silently with cluster 0. Adds ``ari`` (adjusted Rand index of those clusters
+  against ``data.client_meta["cluster"]`` when it has two or more planted clusters),
+  ``clusters_used`` and ``unassigned_clients``.
   """
   test = metrics_lib.device_eval_data(data.test)
+  train_cache = []  # the training data goes to the device only if some client is unassigned
+  num_clients = data.test.num_clients
   truth = None if data.client_meta is None else data.client_meta.get("cluster")
   if truth is not None and len(np.unique(truth)) < 2:
     truth = None
+
+  @jax.jit
+  def effective_clusters(stacked, cluster, num_active, train):
+    losses = jax.lax.map(lambda p: model.example_losses(p, train["x"], train["y"]), stacked)  # [K, N]
+    per_client = jax.vmap(lambda l: jax.ops.segment_sum(l, train["client"], num_segments=num_clients))(losses)
+    counts = jax.ops.segment_sum(jnp.ones_like(train["y"], jnp.float32), train["client"], num_segments=num_clients)
+    mean = per_client / jnp.maximum(counts, 1.0)[None, :]
+    mean = jnp.where((jnp.arange(stacked_size(stacked)) < num_active)[:, None], mean, jnp.inf)
+    return jnp.where(cluster >= 0, cluster, jnp.argmin(mean, axis=0).astype(cluster.dtype))
 
   @jax.jit
   def outputs(stacked, cluster, test):
@@ -233,15 +282,28 @@ def make_cluster_evaluate(model, data: FederatedData):
     chosen = jnp.take_along_axis(logits, mine[None, :, None], axis=0)[0]
     return example_outputs(chosen, test["y"])
 
-  def evaluate(stacked, cluster):
+  def evaluate(stacked, cluster, num_active=None):
+    cluster = jnp.asarray(cluster, jnp.int32)
+    num_active = stacked_size(stacked) if num_active is None else num_active
+    unassigned = int(jnp.sum(cluster < 0))
+    if unassigned:
+      if not train_cache:
+        train_cache.append(metrics_lib.device_eval_data(data.train))
+      cluster = effective_clusters(stacked, cluster, jnp.asarray(num_active), train_cache[0])
     out = metrics_lib.summarize(outputs(stacked, cluster, test), test, data.test.num_clients, data.num_classes)
     cluster = np.asarray(cluster)
     out["clusters_used"] = int(len(np.unique(cluster)))
+    out["unassigned_clients"] = unassigned
     if truth is not None:
       out["ari"] = agg_clustered.adjusted_rand_index(truth, cluster)
     return out
 
   return evaluate
+
+
+def stacked_size(stacked: Params) -> int:
+  """Returns K, the leading dimension of a stack of cluster models."""
+  return int(jax.tree.leaves(stacked)[0].shape[0])
 
 
 _WIRING = ("add_config", "check_config", "build_clustered_experiment", "build_clustered")

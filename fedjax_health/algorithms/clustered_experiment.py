@@ -95,7 +95,7 @@ def build_clustered_experiment(config, data: FederatedData, model, name: str) ->
   evaluate = make_cluster_evaluate(model, data)
 
   def ev(st):
-    out = evaluate(st.params, st.clients["cluster"])
+    out = evaluate(st.params, st.clients["cluster"], st.num_active)
     out["num_clusters"] = int(st.num_active)
     return out
 

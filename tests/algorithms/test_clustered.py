@@ -203,3 +203,72 @@ def test_clustered_configs_run_end_to_end(name, algorithm, tmp_path):
   final = summary["experiments"][algorithm]
   for key in ("accuracy", "mean_client_accuracy", "worst_client_accuracy", "worst10_client_accuracy", "loss", "ari"):
     assert np.isfinite(final[key]), key
+
+
+# ---------------------------------------------------------------- partial participation (issue 15)
+
+
+def test_ifca_choose_is_the_lowest_loss_active_cluster():
+  model = models.get_model("logreg", 3, (4,))
+  stacked = jax.vmap(model.init)(jax.random.split(jax.random.key(0), 3))
+  rng = np.random.default_rng(0)
+  x, y = jnp.asarray(rng.normal(size=(10, 4)), jnp.float32), jnp.asarray(rng.integers(0, 3, 10))
+  mask = jnp.arange(10) < 7
+  k, losses = jax.jit(cl.ifca_choose, static_argnums=0)(model.example_losses, stacked, x, y, mask, 3)
+  ref = [np.mean(np.asarray(model.example_losses(jax.tree.map(lambda p: p[j], stacked), x, y))[:7]) for j in range(3)]
+  np.testing.assert_allclose(losses, ref, rtol=1e-5)
+  assert int(k) == int(np.argmin(ref))
+  k2, _ = cl.ifca_choose(model.example_losses, stacked, x, y, mask, num_active=1)
+  assert int(k2) == 0
+
+
+def test_ifca_never_sampled_clients_are_unassigned_and_judged_by_their_own_choice():
+  data = _synthetic(num_clients=8, k=2, seed=1)
+  config = _config("ifca", k=2, rounds=1)
+  config.cohort_size = 3
+  model = simulation.build_model(config, data)
+  exp = cl.build_clustered_experiment(config, data, model, "ifca")
+  state, metrics = _run(exp, 1)
+  cluster = np.asarray(state.clients["cluster"])
+  cohort = np.asarray(sample_cohort(jax.random.split(jax.random.fold_in(jax.random.key(9), 0), 5)[0], 8, 3))
+  absent = np.setdiff1d(np.arange(8), cohort)
+  assert np.all(cluster[absent] == -1) and np.all(cluster[cohort] >= 0)  # not "cluster 0"
+  assert int(metrics["unassigned_clients"]) == 5
+  out = exp.evaluate(state)
+  assert out["unassigned_clients"] == 5
+  # Each unassigned client is judged with the cluster model of lowest loss on its training data.
+  effective = cluster.copy()
+  for c in absent:
+    d = data.train.client(c)
+    losses = [np.mean(np.asarray(model.example_losses(jax.tree.map(lambda p: p[j], state.params), d["x"], d["y"])))
+              for j in range(2)]
+    effective[c] = int(np.argmin(losses))
+  ref = cl.make_cluster_evaluate(model, data)(state.params, effective)
+  np.testing.assert_allclose(out["per_client_accuracy"], ref["per_client_accuracy"])
+  assert out["ari"] == ref["ari"]
+
+
+def test_cfl_split_makes_absent_members_unassigned_then_they_choose():
+  data = _synthetic(num_clients=8, k=2, seed=3)
+  config = _config("cfl", k=2, rounds=3, lr=0.05, steps=10)
+  config.cohort_size = 5
+  config.clustering.cfl_warmup_rounds = 1
+  config.clustering.cfl_eps1 = 1.0
+  model = simulation.build_model(config, data)
+  exp = cl.build_clustered_experiment(config, data, model, "cfl")
+  rng = jax.random.key(9)
+  cohort_of = lambda r: set(np.asarray(sample_cohort(jax.random.split(jax.random.fold_in(rng, r), 5)[0], 8, 5)))
+  state, round_fn = exp.init_state, jax.jit(exp.round_fn)
+  state, m0 = round_fn(state, exp.train, rng)
+  before = np.asarray(state.clients["cluster"])
+  state, m1 = round_fn(state, exp.train, rng)
+  assert int(m1["split"]) == 1
+  after = np.asarray(state.clients["cluster"])
+  orphans = sorted((cohort_of(0) - cohort_of(1)))
+  assert orphans and np.all(before[orphans] == 0) and np.all(after[orphans] == -1)
+  assert int(m1["orphaned_by_split"]) == len(orphans)
+  present = sorted(cohort_of(1))
+  assert set(after[present]) == {0, 1}  # the split placed the clients it saw
+  state, _ = round_fn(state, exp.train, rng)
+  back = sorted(set(orphans) & cohort_of(2))
+  assert back and np.all(np.asarray(state.clients["cluster"])[back] >= 0)  # they chose a cluster
