@@ -23,6 +23,7 @@ batch size raise ``ValueError``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable
 
@@ -32,8 +33,8 @@ import numpy as np
 import optax
 
 from fedjax_health.attacks.inversion_objective import (ApplyFn, InversionSpec, Params, Reconstruction, apply_fn_of,
-                                                       attack_optimizer, fixed_labels, head_bias, initial_dummy,
-                                                       inversion_objective, project_dummy)
+                                                       attack_optimizer, find_output_bias, fixed_labels, head_bias,
+                                                       initial_dummy, inversion_objective, project_dummy)
 from fedjax_health.client import map_clients
 from fedjax_health.models import Model
 
@@ -74,7 +75,7 @@ def make_inversion(model_or_apply: Model | ApplyFn, spec: InversionSpec,
           z, s = carry
           value, g = value_and_grad(z, state=s)
           u, s = opt.update(g, s, z, value=value, grad=g, value_fn=objective)
-          return (optax.apply_updates(z, u), s), None
+          return (project(optax.apply_updates(z, u)), s), None  # projected L-BFGS: stay in bounds
       else:
         value_and_grad = jax.value_and_grad(objective)
 
@@ -129,8 +130,9 @@ def check_observation(params: Params, observed: Params, num_victims: int | None 
                        "inversion needs a finite gradient (was the upload rejected or overflowed?)")
 
 
-def check_model(apply_fn: ApplyFn, params: Params, spec: InversionSpec) -> None:
-  """Raises ValueError if ``spec.input_shape``/``num_classes`` do not fit the model."""
+def check_model(apply_fn: ApplyFn, params: Params, spec: InversionSpec) -> InversionSpec:
+  """Raises ValueError if ``spec.input_shape``/``num_classes`` do not fit the model; returns
+  ``spec`` with ``label_layer`` set to the model's output bias when iDLG needs it."""
   try:
     out = jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct((spec.batch_size,) + spec.input_shape, jnp.float32))
   except Exception as e:  # flax raises several error types for a mis-shaped input
@@ -139,11 +141,47 @@ def check_model(apply_fn: ApplyFn, params: Params, spec: InversionSpec) -> None:
   if outputs not in (spec.num_classes, 1) or (outputs == 1 and spec.num_classes != 2):
     raise ValueError(f"InversionSpec.num_classes={spec.num_classes} does not fit a model with {outputs} outputs")
   if spec.labels == "idlg":
-    head_bias(params)
+    if spec.label_layer is None:
+      spec = dataclasses.replace(spec, label_layer=find_output_bias(apply_fn, params, spec.input_shape))
+    head_bias(params, spec.label_layer)
+  return spec
+
+
+def check_single_example(observed: Params, spec: InversionSpec, lead: tuple = ()) -> None:
+  """Raises ValueError when iDLG is given a gradient that comes from more than one example.
+
+  For one example the output layer's kernel gradient is the outer product ``h g^T`` (rank 1) and
+  a softmax head's bias gradient ``softmax - onehot`` has exactly one negative entry; the mean
+  gradient of a batch has neither property in general (Zhao et al. 2020 assume B = 1).
+  """
+  if spec.labels != "idlg" or spec.observation != "gradient":
+    return
+  path = spec.label_layer or ("head", "bias")
+  bias = np.asarray(head_bias(observed, path)).reshape((-1,) + np.shape(head_bias(observed, path))[len(lead):])
+  parent = observed
+  for key in path[:-1]:
+    parent = parent[key]
+  kernel = parent.get("kernel") if isinstance(parent, dict) else None
+  for v in range(bias.shape[0]):
+    who = f"upload {v}: " if lead else ""
+    if bias.shape[1] > 1 and int(np.sum(bias[v] < 0)) > 1:
+      raise ValueError(f"{who}iDLG needs the gradient of ONE example (spec.batch_size=1), but the output bias "
+                       f"gradient has {int(np.sum(bias[v] < 0))} negative entries (one example has exactly one): "
+                       "it comes from a batch; use labels='soft' or 'given' with the batch size")
+    if kernel is not None and np.ndim(kernel) - len(lead) == 2:
+      k = np.asarray(kernel, np.float64).reshape((-1,) + np.shape(kernel)[len(lead):])[v]
+      sv = np.linalg.svd(k, compute_uv=False)
+      if sv.size > 1 and sv[0] > 0 and sv[1] > 1e-3 * sv[0]:
+        raise ValueError(f"{who}iDLG needs the gradient of ONE example (spec.batch_size=1), but the output "
+                         f"layer's kernel gradient has rank > 1 (singular values {sv[0]:.3g}, {sv[1]:.3g}): it "
+                         "comes from a batch; use labels='soft' or 'given' with the batch size")
 
 
 def _check_labels(labels, spec: InversionSpec, lead: tuple) -> None:
   if spec.labels != "given":
+    if labels is not None:
+      raise ValueError(f"labels were passed but spec.labels={spec.labels!r} would ignore them; use an "
+                       "InversionSpec with labels='given' (inverting_gradients(..., labels=y) does this)")
     return
   want = lead + (spec.batch_size,)
   if labels is None or tuple(np.shape(labels)) != want:
@@ -158,8 +196,9 @@ def invert(model_or_apply, params: Params, observed: Params, rng: jax.Array, spe
            labels=None, victim_optimizer=None) -> Reconstruction:
   """Validates the inputs, then runs the attack on one victim's upload (compiled per call)."""
   apply_fn = apply_fn_of(model_or_apply)
-  check_model(apply_fn, params, spec)
+  spec = check_model(apply_fn, params, spec)
   check_observation(params, observed)
+  check_single_example(observed, spec)
   _check_labels(labels, spec, ())
   return jax.jit(make_inversion(apply_fn, spec, victim_optimizer))(params, observed, rng, labels)
 
@@ -208,10 +247,11 @@ def invert_victims(model_or_apply, params: Params, observed: Params, rng: jax.Ar
     raise ValueError("observed must be a pytree of [V, ...] stacked uploads")
   v = int(np.shape(leaves[0])[0])
   one_params = jax.tree.map(lambda a: a[0], params) if per_victim_params else params
-  check_model(apply_fn, one_params, spec)
+  spec = check_model(apply_fn, one_params, spec)
   if per_victim_params:
     check_observation(one_params, params, v, name="per-victim params")
   check_observation(one_params, observed, v)
+  check_single_example(observed, spec, (v,))
   _check_labels(labels, spec, (v,))
   run = batched_inversion(apply_fn, spec, victim_optimizer, width, per_victim_params)
   return run(params, observed, rng, None if labels is None else jnp.asarray(labels, jnp.int32))
@@ -223,9 +263,12 @@ def dlg_spec(batch_size: int, input_shape, num_classes: int, **overrides) -> Inv
   return InversionSpec(batch_size, tuple(input_shape), num_classes, **{**kw, **overrides})
 
 
-def idlg_spec(input_shape, num_classes: int, **overrides) -> InversionSpec:
-  """Returns iDLG's settings (Zhao et al. 2020): DLG with the label read from the head bias, B = 1."""
-  return dlg_spec(1, input_shape, num_classes, **{"labels": "idlg", **overrides})
+def idlg_spec(input_shape, num_classes: int, batch_size: int = 1, **overrides) -> InversionSpec:
+  """Returns iDLG's settings (Zhao et al. 2020): DLG with the label read from the head bias, B = 1.
+
+  ``batch_size`` other than 1 is a ValueError (iDLG's label rule holds for one example only).
+  """
+  return dlg_spec(batch_size, input_shape, num_classes, **{"labels": "idlg", **overrides})
 
 
 def inverting_gradients_spec(batch_size: int, input_shape, num_classes: int, **overrides) -> InversionSpec:
@@ -255,7 +298,10 @@ def inverting_gradients(model_or_apply, params, observed, rng, *, batch_size: in
   """Returns the Inverting Gradients reconstruction (Geiping et al. 2020) of a gradient or FedAvg update.
 
   Pass ``observation='update', local_steps=S, victim_optimizer=optax.sgd(lr)`` to attack an update.
+  ``labels`` (int ``[B]``), when given, are used as known labels (``labels='given'``).
   """
+  if labels is not None:
+    overrides.setdefault("labels", "given")
   spec = inverting_gradients_spec(batch_size, input_shape, num_classes, **overrides)
   return invert(model_or_apply, params, observed, rng, spec, labels, victim_optimizer)
 

@@ -48,6 +48,8 @@ class InversionSpec:
       ``local_steps`` optimiser steps minus params before; the victim optimiser is unrolled).
     local_steps, local_batch_size: the victim's local schedule for ``update``; steps take batches of
       ``local_batch_size`` in order, cycling (0 = the whole batch each step).
+    label_layer: path of the output layer's bias that iDLG reads (None: ``head/bias``;
+      ``invert`` and ``invert_victims`` find it for any flax model with ``find_output_bias``).
   """
 
   batch_size: int
@@ -65,11 +67,14 @@ class InversionSpec:
   observation: str = "gradient"
   local_steps: int = 1
   local_batch_size: int = 0
+  label_layer: tuple[str, ...] | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
     if self.bounds is not None:
       object.__setattr__(self, "bounds", (float(self.bounds[0]), float(self.bounds[1])))
+    if self.label_layer is not None:
+      object.__setattr__(self, "label_layer", tuple(str(k) for k in self.label_layer))
     checks = [
         (self.batch_size >= 1, "batch_size", ">= 1"),
         (len(self.input_shape) >= 1 and all(d >= 1 for d in self.input_shape), "input_shape", "non-empty, positive"),
@@ -145,13 +150,57 @@ def total_variation(x: jax.Array) -> jax.Array:
   return jnp.mean(jnp.abs(x[:, 1:] - x[:, :-1])) + jnp.mean(jnp.abs(x[:, :, 1:] - x[:, :, :-1]))
 
 
-def head_bias(tree: Params) -> jax.Array:
-  """Returns ``tree['head']['bias']``; raises if the model has no biased ``head`` layer."""
+def head_bias(tree: Params, path: tuple[str, ...] | None = None) -> jax.Array:
+  """Returns the output layer's bias leaf of ``tree`` (params or a gradient of them).
+
+  ``path`` names it (e.g. ``("Dense_2", "bias")``, found by ``find_output_bias``); without it,
+  ``("head", "bias")`` (the models of this package) or else the only 1-D ``bias`` leaf whose
+  size is the model's output width cannot be told apart here, so a model without a ``head``
+  layer needs the path (``invert`` / ``invert_victims`` find it for you).
+  """
+  path = ("head", "bias") if path is None else tuple(path)
+  node = tree
   try:
-    return tree["head"]["bias"]
-  except (KeyError, TypeError):
-    raise ValueError("iDLG reads the label from the gradient of the last layer's bias, tree['head']['bias'], "
-                     "which this model does not have") from None
+    for key in path:
+      node = node[key]
+  except (KeyError, TypeError, IndexError):
+    raise ValueError(f"iDLG reads the label from the gradient of the last layer's bias; this model has no "
+                     f"parameter {'/'.join(path)} (pass InversionSpec(label_layer=...) or let invert() find "
+                     "it with find_output_bias)") from None
+  return node
+
+
+def _bias_candidates(params: Params, num_outputs: int) -> list[tuple[str, ...]]:
+  out = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    keys = tuple(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+    if keys and keys[-1] == "bias" and jnp.ndim(leaf) == 1 and leaf.shape[0] == num_outputs:
+      out.append(keys)
+  return out
+
+
+def find_output_bias(apply_fn: ApplyFn, params: Params, input_shape) -> tuple[str, ...]:
+  """Returns the path of the output layer's bias in any flax model's params.
+
+  The output bias is the 1-D ``bias`` leaf that shifts the logits one to one: its Jacobian
+  ``d logits / d bias`` is the identity (checked at a random input; a hidden layer's bias passes
+  through weights and an activation). Raises ValueError when no leaf, or more than one, does.
+  """
+  x = jax.random.uniform(jax.random.key(0), (1,) + tuple(input_shape))
+  num_outputs = int(jax.eval_shape(apply_fn, params, x).shape[-1])
+  found = []
+  for path in _bias_candidates(params, num_outputs):
+    def logits_of(b, path=path):
+      tree = jax.tree_util.tree_map_with_path(
+          lambda p, leaf: b if tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in p) == path else leaf, params)
+      return apply_fn(tree, x)[0]
+    jac = jax.jacobian(logits_of)(head_bias(params, path))
+    if bool(jnp.allclose(jac, jnp.eye(num_outputs), atol=1e-5)):
+      found.append(path)
+  if len(found) != 1:
+    raise ValueError(f"iDLG needs the output layer's bias (a 1-D 'bias' of size {num_outputs} added to the "
+                     f"logits); found {['/'.join(p) for p in found] or 'none'} in this model")
+  return found[0]
 
 
 def idlg_label(head_bias_grad: jax.Array) -> jax.Array:
@@ -236,7 +285,7 @@ def fixed_labels(spec: InversionSpec, observed: Params, labels=None) -> jax.Arra
   """Returns the labels the attack holds fixed (iDLG's or the given ones), or None for soft labels."""
   if spec.labels == "idlg":
     sign = -1.0 if spec.observation == "update" else 1.0  # an SGD update has the gradient's opposite sign
-    return idlg_label(sign * head_bias(observed))[None]
+    return idlg_label(sign * head_bias(observed, spec.label_layer))[None]
   if spec.labels == "given":
     if labels is None:
       raise ValueError("spec.labels='given' needs the labels argument")
@@ -245,5 +294,6 @@ def fixed_labels(spec: InversionSpec, observed: Params, labels=None) -> jax.Arra
 
 
 def project_dummy(spec: InversionSpec, z: dict) -> dict:
-  """Returns ``z`` with inputs clipped to ``spec.bounds`` (unchanged if None)."""
+  """Returns ``z`` with inputs clipped to ``spec.bounds`` (unchanged if None); every optimiser,
+  L-BFGS included (projected L-BFGS), applies it after each step."""
   return z if spec.bounds is None else dict(z, x=jnp.clip(z["x"], *spec.bounds))
