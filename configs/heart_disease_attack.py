@@ -3,7 +3,7 @@
 The malicious hospital (Hungarian, client 1) sets two vitals (trestbps, thalach; z-scored) to
 +3 on half of its records and relabels them "heart disease" (the clean model calls 1% of such
 triggered healthy records diseased, so successes are the backdoor's), with PGD (radius 0.17,
-about an honest update's norm) and model replacement (scale n_S / n_i) from round 20 on; the
+about an honest update's norm) and model replacement (scale n_S / (n_i eta), eta = server lr = 1) from round 20 on; the
 server uses the coordinate-wise median.
 Krum and Bulyan cannot run here (4 sites: Krum needs n > 2f + 2 = 4, Bulyan n >= 4f + 3 = 7)
 and the config check says so. ~10 s on 2 CPUs (ASR and detection rates are in metrics.jsonl).

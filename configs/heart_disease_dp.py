@@ -1,6 +1,6 @@
 """Client-level (hospital-level) DP-FedAvg on Fed-Heart-Disease: 4 hospitals, every round.
 
-Each hospital's update is clipped to L2 norm 1, the server adds N(0, (z C)^2) to the sum and
+Each hospital's update is clipped to L2 norm 0.5, the server adds N(0, (z C)^2) to the sum and
 divides by 4 (McMahan et al. 2018); z is calibrated with dp-accounting (RDP) so that 15 rounds
 cost epsilon = 8 at delta = 1e-5 per hospital. With only 4 hospitals the noise on the mean is
 z C / 4 per coordinate, large: see docs/privacy.md. ~20 s on a 2-core CPU.

@@ -1,10 +1,10 @@
 """Synthetic(1, 1) of Li et al. with 4 planted clusters over 20 clients: does a method find them?
 
 Clients c and c' share one generating model and input distribution iff c = c' mod 4
-(``synthetic.load(num_clusters=4)``); 100 examples per client (80 train / 20 test). Logistic
-regression (60 -> 10), all clients every round, 20 local steps of batch 16. Default IFCA; any
-clustered or personalised method with ``--config.algorithm`` (LG-FedAvg needs a body: use
-``--config.model.name=mlp``). ~10 s per method on a 2-core CPU.
+(``synthetic.load(num_clusters=4)``); 100 examples per client (80 train / 20 test). MLP
+(60 -> 32 -> 10, so FedPer and LG-FedAvg have a body and a head), all clients every round, 20
+local steps of batch 16. Default IFCA; any clustered or personalised method with
+``--config.algorithm``. ~10 s per method on a 2-core CPU.
 
   python -m launch.main --config=configs/synthetic_clustered.py --workdir=workdir/synth_ifca
   python -m launch.main --config=configs/synthetic_clustered.py:smoke --workdir=/tmp/synth_cl

@@ -164,3 +164,25 @@ def test_track_rejections_counts_per_client_and_per_role():
 def test_bad_detector_hyperparameters_raise(factory):
   with pytest.raises(ValueError):
     factory()
+
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.5])
+def test_autoencoder_rejects_exactly_errors_above_factor_times_the_mean(factor):
+  # Li et al.'s dynamic threshold: reject when the reconstruction error exceeds factor x the
+  # round's mean error over valid clients (after the warm-up), on median-norm-scaled surrogates.
+  rng = np.random.default_rng(0)
+  flat = rng.normal(size=(12, 40)).astype(np.float32) * rng.uniform(0.5, 3.0, size=(12, 1)).astype(np.float32)
+  weights = np.ones(12, np.float32)
+  weights[5] = 0.0
+  t = det.autoencoder_detection(dim=16, hidden=3, warmup_rounds=0, factor=factor, seed=1)
+  state = t.init({"u": jnp.zeros(40)})
+  _, w2, _, info = t.apply({"u": jnp.asarray(flat)}, jnp.asarray(weights), state, jax.random.key(0), {})
+  z = flat[:, np.asarray(state.coords)]
+  valid = weights > 0
+  z = z / np.median(np.linalg.norm(z, axis=1)[valid])
+  err = np.asarray(det.autoencoder_errors(state.params, jnp.asarray(z)))
+  expected = valid & (err > factor * err[valid].mean())
+  np.testing.assert_array_equal(np.asarray(info["rejected"]), expected)
+  assert 0 < expected.sum() < valid.sum()
+  np.testing.assert_array_equal(np.asarray(w2), np.where(expected, 0.0, weights))
