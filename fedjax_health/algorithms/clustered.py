@@ -306,7 +306,7 @@ def stacked_size(stacked: Params) -> int:
   return int(jax.tree.leaves(stacked)[0].shape[0])
 
 
-_WIRING = ("add_config", "check_config", "build_clustered_experiment", "build_clustered")
+_WIRING = ("add_config", "check_config", "build_clustered_experiment", "build_clustered")  # wiring names
 
 
 def __getattr__(name):  # the config wiring moved to clustered_experiment; old imports keep working

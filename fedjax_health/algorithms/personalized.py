@@ -225,7 +225,8 @@ def ditto_update(model, client_opt, lam: float) -> ClientUpdate:
   return update
 
 
-_WIRING = ("add_config", "check_config", "build_partial", "build_apfl_experiment", "build_partial_from_config",
+_WIRING = ("add_config", "check_config", "_common", "_client_opt", "build_partial", "build_apfl_experiment",
+           "build_partial_from_config",
            "build_apfl", "build_ditto", "build_interpolation", "build_finetune")
 
 

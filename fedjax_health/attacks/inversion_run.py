@@ -51,10 +51,10 @@ def inversion_config() -> ml_collections.ConfigDict:
   c.optimizer = ""  # "" = the attack's own (dlg/idlg: lbfgs, inverting_gradients: signed_adam)
   c.distance = ""  # "" = the attack's own (l2 | cosine)
   c.labels = ""  # "" = the attack's own (idlg for one example, else soft) | soft | idlg | given
-  c.num_steps = 200  # attack iterations
+  c.num_steps = inv.IG_NUM_STEPS  # attack iterations
   c.learning_rate = 0.1  # ignored by lbfgs (line search)
   c.num_restarts = 2
-  c.tv_weight = 1e-6  # images only; the cosine distance of a good match is ~1e-6, keep the prior below it
+  c.tv_weight = inv.IG_TV_WEIGHT  # images only; the cosine distance of a good match is ~1e-6, keep the prior below it
   c.num_victims = 64  # uploads recorded in the attacked round
   c.batch_size = 1  # examples behind each victim's upload
   c.local_steps = 1  # full-batch local steps before the upload
