@@ -154,12 +154,14 @@ def check_model(apply_fn: ApplyFn, params: Params, spec: InversionSpec) -> Inver
   return spec
 
 
-def check_single_example(observed: Params, spec: InversionSpec, lead: tuple = ()) -> None:
+def check_single_example(observed: Params, spec: InversionSpec, lead: tuple = (), check_rank: bool = True) -> None:
   """Raises ValueError when iDLG is given a gradient that comes from more than one example.
 
   For one example the output layer's kernel gradient is the outer product ``h g^T`` (rank 1) and
   a softmax head's bias gradient ``softmax - onehot`` has exactly one negative entry; the mean
-  gradient of a batch has neither property in general (Zhao et al. 2020 assume B = 1).
+  gradient of a batch has neither property in general (Zhao et al. 2020 assume B = 1). The sign
+  test also holds for a one-example multi-step SGD update; the rank test (``check_rank``) only for
+  a true gradient, so the launcher's pseudo-gradients skip it.
   """
   if spec.labels != "idlg" or spec.observation != "gradient":
     return
@@ -175,7 +177,7 @@ def check_single_example(observed: Params, spec: InversionSpec, lead: tuple = ()
       raise ValueError(f"{who}iDLG needs the gradient of ONE example (spec.batch_size=1), but the output bias "
                        f"gradient has {int(np.sum(bias[v] < 0))} negative entries (one example has exactly one): "
                        "it comes from a batch; use labels='soft' or 'given' with the batch size")
-    if kernel is not None and np.ndim(kernel) - len(lead) == 2:
+    if check_rank and kernel is not None and np.ndim(kernel) - len(lead) == 2:
       k = np.asarray(kernel, np.float64).reshape((-1,) + np.shape(kernel)[len(lead):])[v]
       sv = np.linalg.svd(k, compute_uv=False)
       if sv.size > 1 and sv[0] > 0 and sv[1] > 1e-3 * sv[0]:
@@ -258,7 +260,7 @@ def invert_victims(model_or_apply, params: Params, observed: Params, rng: jax.Ar
   if per_victim_params:
     check_observation(one_params, params, v, name="per-victim params")
   check_observation(one_params, observed, v)
-  check_single_example(observed, spec, (v,))
+  check_single_example(observed, spec, (v,), check_rank=False)
   _check_labels(labels, spec, (v,))
   run = batched_inversion(apply_fn, spec, victim_optimizer, width, per_victim_params)
   return run(params, observed, rng, None if labels is None else jnp.asarray(labels, jnp.int32))
