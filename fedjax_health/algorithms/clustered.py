@@ -145,7 +145,7 @@ def clustered_round(model, *, num_clients: int, cohort_size: int, plan, num_clus
     keep = weights > 0  # a client without data this round keeps its cluster
     clients = state_lib.scatter(state.clients, cohort, {"cluster": assigned}, keep)
     metrics = {
-        "train_loss": jnp.sum(aux["loss"] * weights) / jnp.maximum(jnp.sum(weights), 1.0),
+        **metrics_lib.cohort_train_loss(aux["loss"], weights, info.get("rejected")),
         "examples_used": jnp.sum(weights),
         "num_clusters": num_active,
         "clusters_used": jnp.sum(jnp.bincount(assigned, weights=keep.astype(jnp.float32), length=num_clusters) > 0),
