@@ -22,7 +22,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 # Fields that may change between the run that wrote a checkpoint and the run that resumes it.
-RESUMABLE_CHANGES = ("num_rounds", "eval_every", "checkpoint_every", "resume", "overwrite", "on_divergence")
+RESUMABLE_CHANGES = ("num_rounds", "eval_every", "checkpoint_every", "resume", "overwrite", "on_divergence",
+                     "divergence_loss_limit")
 
 
 class CheckpointMismatchError(ValueError):

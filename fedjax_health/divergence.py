@@ -1,6 +1,7 @@
 """Run-time divergence guard: non-finite global parameters or train loss stop the run (or warn).
 
-Each compiled round also returns one boolean, "global parameters and train loss are finite"
+A train loss above ``config.divergence_loss_limit`` (default 1e6: a cross-entropy that large means
+logits wrong by ~1e6) counts as diverged too. Each compiled round also returns one int32 code
 (``with_finite_flag``); the host reads these flags only when it already synchronises (before
 writing a metrics row or a checkpoint), so the guard adds no per-round device round trip. The
 first bad round is named, rows written before it stay in ``metrics.jsonl``, and no checkpoint of a
@@ -28,15 +29,25 @@ def tree_all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def with_finite_flag(round_fn: Callable, params_of: Callable) -> Callable:
-  """Wraps ``round_fn(state, train, rng) -> (state, metrics)`` to add ``metrics[FLAG]``."""
+# Flag codes: what went wrong first in a round.
+OK, PARAMS_NONFINITE, LOSS_NONFINITE, LOSS_TOO_LARGE = 0, 1, 2, 3
+REASONS = {PARAMS_NONFINITE: "the global parameters hold NaN/inf",
+           LOSS_NONFINITE: "the train loss is NaN/inf",
+           LOSS_TOO_LARGE: "the train loss exceeds config.divergence_loss_limit={limit:g}"}
+
+
+def with_finite_flag(round_fn: Callable, params_of: Callable, loss_limit: float = float("inf")) -> Callable:
+  """Wraps ``round_fn(state, train, rng) -> (state, metrics)`` to add ``metrics[FLAG]``, a code:
+  0 ok, 1 non-finite parameters, 2 non-finite train loss, 3 train loss above ``loss_limit``."""
 
   def wrapped(state, train, rng):
     state, metrics = round_fn(state, train, rng)
-    ok = tree_all_finite(params_of(state))
+    code = jnp.where(tree_all_finite(params_of(state)), OK, PARAMS_NONFINITE)
     if "train_loss" in metrics:
-      ok &= jnp.isfinite(metrics["train_loss"])
-    return state, dict(metrics, **{FLAG: ok})
+      loss = metrics["train_loss"]
+      code = jnp.where(code != OK, code,
+                       jnp.where(~jnp.isfinite(loss), LOSS_NONFINITE, jnp.where(loss > loss_limit, LOSS_TOO_LARGE, OK)))
+    return state, dict(metrics, **{FLAG: code.astype(jnp.int32)})
 
   return wrapped
 
@@ -78,11 +89,12 @@ class Guard:
     if empty:
       self.log(f"WARNING: [{self.name}] every client of the cohort was rejected (non-finite update or a "
                f"defence) or had no data in round(s) {empty}: no update was aggregated (metric all_rejected)")
-    bad = [r for r, (f, _) in zip(rounds, got) if f is not None and not bool(np.all(f))]
+    bad = [(r, int(f)) for r, (f, _) in zip(rounds, got) if f is not None and int(f) != OK]
     if bad and self.diverged_at is None:
-      self.diverged_at = bad[0]
-      msg = (f"[{self.name}] training diverged at round {bad[0]}: the global parameters or the train loss "
-             f"are NaN/inf. Likely causes: {likely_causes(self.config)}. Metrics of earlier rounds are kept.")
+      self.diverged_at, code = bad[0]
+      reason = REASONS[code].format(limit=self.config.get("divergence_loss_limit", float("inf")))
+      msg = (f"[{self.name}] training diverged at round {self.diverged_at}: {reason}. Likely causes: "
+             f"{likely_causes(self.config)}. Metrics of earlier rounds are kept.")
       if self.mode == "stop":
         raise DivergenceError(msg + " (set --config.on_divergence=warn to continue anyway)")
       self.log("WARNING: " + msg + " Continuing (config.on_divergence='warn').")

@@ -127,6 +127,9 @@ def check_input(config, data=None) -> None:
          lambda v: v == 0 or v >= 2)
   require(config.get("on_divergence", "stop") in ("stop", "warn"), "on_divergence", "'stop' or 'warn'",
           config.get("on_divergence"))
+  if "divergence_loss_limit" in config:
+    require(_is_number(config.divergence_loss_limit) and config.divergence_loss_limit > 0, "divergence_loss_limit",
+            "a number > 0 (inf: only non-finite values count)", config.divergence_loss_limit)
   require(isinstance(config.get("overwrite", False), bool), "overwrite", "True or False", config.get("overwrite"))
   _check_model(config)
   if data is not None:

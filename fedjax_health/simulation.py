@@ -100,7 +100,7 @@ def run_experiment(exp: Experiment, config, log: Callable[[str], None], write_ro
                    workdir: str | None = None) -> dict:
   """Runs ``config.num_rounds`` rounds of ``exp`` (resuming from a checkpoint); returns the final evaluation."""
   # The round key travels as raw key data so that it can be a replicated global array too.
-  exp_round = divergence.with_finite_flag(exp.round_fn, exp.params_of)
+  exp_round = divergence.with_finite_flag(exp.round_fn, exp.params_of, config.get("divergence_loss_limit", float("inf")))
   round_fn = jax.jit(lambda s, t, k: exp_round(s, t, jax.random.wrap_key_data(k)), donate_argnums=(0,))
   state, start, ckpt = exp.init_state, 0, None
   train = exp.train
