@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HD = "--config=configs/heart_disease_fedavg.py:smoke"
 BREAST = "--config=configs/breastmnist_dirichlet.py:smoke"
 SYNTH = "--config=configs/synthetic_1000_clients.py:smoke"
+ATTACK = "--config=configs/heart_disease_attack.py:smoke"
 
 
 def launch(args, workdir, capsys):
@@ -79,6 +80,14 @@ CONFIG_CASES = [
     ("override_unknown_section", [HD, "--config.clinet.learning_rate=0.1"], ["--config.clinet.learning_rate"]),
     ("missing_file", ["--config=configs/no_such_config.py"], ["not found", "configs/no_such_config.py"]),
     ("bad_value_type", [HD, "--config.num_rounds=abc"], ["--config.num_rounds", "abc"]),
+    ("weak_dp_negative_std", [ATTACK, "--config.defense.aggregator=weak_dp", "--config.defense.noise_std=-1.0"],
+     ["config.defense.noise_std", ">= 0"]),
+    ("norm_bound_zero", [ATTACK, "--config.defense.aggregator=norm_bound", "--config.defense.max_norm=0.0"],
+     ["config.defense.max_norm"]),
+    ("trim_fraction_half", [ATTACK, "--config.defense.aggregator=trimmed_mean", "--config.defense.trim_fraction=0.5"],
+     ["config.defense.trim_fraction"]),
+    ("krum_cohort_too_small", [ATTACK, "--config.defense.aggregator=krum", "--config.defense.num_byzantine=2"],
+     ["defense.num_byzantine=2", "cohorts of 4 clients", "config.cohort_size"]),
 ]
 
 
