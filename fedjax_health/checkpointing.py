@@ -22,7 +22,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 # Fields that may change between the run that wrote a checkpoint and the run that resumes it.
-RESUMABLE_CHANGES = ("num_rounds", "eval_every", "checkpoint_every", "resume")
+RESUMABLE_CHANGES = ("num_rounds", "eval_every", "checkpoint_every", "resume", "overwrite", "on_divergence",
+                     "divergence_loss_limit")
 
 
 class CheckpointMismatchError(ValueError):
@@ -46,10 +47,19 @@ def check_or_write_config(directory: str, config) -> None:
       diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
       raise CheckpointMismatchError(
           f"checkpoints in {directory} were written by a different config (fields differ: {diff}); "
-          f"use another --workdir or set --config.resume=False to start over")
+          f"use another --workdir, or --config.resume=False --config.overwrite=True to start over")
     return
   with open(path, "w") as f:
     json.dump(current, f, indent=2)
+
+
+class CheckpointCorruptError(ValueError):
+  """A checkpoint's files cannot be read (truncated or damaged)."""
+
+
+def _first_line(e: Exception, limit: int = 200) -> str:
+  line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  return line if len(line) <= limit else line[:limit] + "..."
 
 
 class Checkpointer:
@@ -66,7 +76,7 @@ class Checkpointer:
       pid = jax.process_index()
       kwargs["multiprocessing_options"] = ocp.options.MultiprocessingOptions(primary_host=pid, active_processes={pid})
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False, **kwargs)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
 
   def latest_round(self) -> int | None:
     return self.manager.latest_step()
@@ -76,22 +86,51 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def restore(self, round_idx: int, like: Any) -> Any:
-    """Returns the state saved at ``round_idx``, checked against the structure of ``like``."""
+    """Returns the state saved at ``round_idx``, checked against the structure of ``like``.
+
+    Raises ``CheckpointMismatchError`` when the saved arrays differ from ``like``'s and
+    ``CheckpointCorruptError`` when they match but cannot be read (a truncated or damaged file)."""
+    where = f"checkpoint of round {round_idx} in {self.directory}"
+    try:
+      saved = jax.tree.leaves(self.manager.item_metadata(round_idx).tree)
+      saved = sorted((tuple(m.shape), str(np.dtype(m.dtype))) for m in saved)
+    except Exception as e:  # orbax/tensorstore raise many types for unreadable files
+      raise CheckpointCorruptError(f"{where} is corrupt: its metadata cannot be read ({_first_line(e)})") from None
+    wanted = sorted((tuple(np.shape(x)), str(np.asarray(x).dtype)) for x in jax.tree.leaves(like))
+    if saved != wanted:
+      raise CheckpointMismatchError(f"{where} does not match this run's state: it holds arrays {saved}, "
+                                    f"this run's state has {wanted}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     try:
       restored = self.manager.restore(round_idx, args=ocp.args.StandardRestore(abstract))
-    except Exception as e:  # orbax raises several types for structure/shape mismatches
-      raise CheckpointMismatchError(
-          f"checkpoint {self.directory}/{round_idx} does not match this run's state: {e}") from e
+    except Exception as e:
+      raise CheckpointCorruptError(f"{where} is corrupt: a data file cannot be read ({_first_line(e)})") from None
     want = jax.tree.structure(like)
     if jax.tree.structure(restored) != want:
-      raise CheckpointMismatchError(f"checkpoint {self.directory}/{round_idx} has a different state structure")
+      raise CheckpointMismatchError(f"{where} has a different state structure")
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(like)):
       if np.shape(a) != np.shape(b) or np.asarray(a).dtype != np.asarray(b).dtype:
         raise CheckpointMismatchError(
-            f"checkpoint {self.directory}/{round_idx} has a leaf {np.shape(a)} {np.asarray(a).dtype}, "
+            f"{where} has a leaf {np.shape(a)} {np.asarray(a).dtype}, "
             f"this run expects {np.shape(b)} {np.asarray(b).dtype}")
     return restored
+
+  def restore_latest(self, last: int, like: Any, log=print) -> tuple[Any, int]:
+    """Returns (state, round) of the newest readable checkpoint at or before round ``last``.
+
+    A corrupt checkpoint is reported (naming its round) and the previous kept one is tried."""
+    steps = sorted((s for s in self.manager.all_steps() if s <= last), reverse=True)
+    for i, step in enumerate(steps):
+      try:
+        return self.restore(step, like), step
+      except CheckpointCorruptError as e:
+        if i + 1 < len(steps):
+          log(f"WARNING: {e}; falling back to the checkpoint of round {steps[i + 1]}")
+        else:
+          raise CheckpointCorruptError(
+              f"{e}; no earlier kept checkpoint is readable (rounds tried: {steps}). Delete "
+              f"{self.directory} or set --config.resume=False to start over") from None
+    raise CheckpointCorruptError(f"no checkpoint at or before round {last} in {self.directory}")
 
   def close(self) -> None:
     self.manager.close()

@@ -15,6 +15,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_every = 1
   config.checkpoint_every = 0  # rounds between orbax checkpoints in workdir/checkpoints; 0 = off
   config.resume = True  # resume from workdir's last checkpoint when one exists
+  config.overwrite = False  # True: delete the outputs of an earlier run with another config in workdir
+  config.on_divergence = "stop"  # non-finite params or train loss: "stop" (error naming the round) | "warn"
+  config.divergence_loss_limit = 1e6  # a train loss above this counts as diverged too
   config.cohort_size = 0  # clients per round; 0 = all clients (cross-silo)
   config.clients_per_step = 1  # cohort-map width: 1 = lax.map/scan, cohort = full vmap
   config.map_unroll = 1  # unroll of the scan over client chunks (True: small CNN cohorts on CPU)

@@ -92,3 +92,6 @@ def validate_config(config, data=None) -> None:
   """Raises ValueError naming the first bad field; ``data`` enables the data-dependent checks."""
   for check in CHECKS:
     check(config, data)
+
+
+from fedjax_health import input_validation  # noqa: E402,F401  (registers the input checks)

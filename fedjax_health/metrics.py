@@ -110,3 +110,16 @@ def make_evaluator(apply_fn: Callable, num_clients: int, num_classes: int, chunk
 def bytes_per_update(params: Params, bits: int = 32) -> int:
   """Returns the bytes one client sends for a dense update of ``params`` at ``bits`` per value."""
   return int(sum(np.prod(np.shape(p)) for p in jax.tree.leaves(params)) * bits // 8)
+
+
+def cohort_train_loss(loss: jax.Array, weights: jax.Array, rejected: jax.Array | None = None) -> dict:
+  """Returns ``train_loss`` (weighted mean over the clients that contributed) and ``all_rejected``.
+
+  A client contributes when its weight is > 0 and it was not ``rejected``; the losses of the
+  others are selected away with ``where`` (a rejected client's loss may be NaN, and NaN x 0 is
+  NaN). When no client contributed, ``train_loss`` is 0 and ``all_rejected`` is 1.
+  """
+  w = weights if rejected is None else jnp.where(rejected, 0.0, weights)
+  total = jnp.sum(w)
+  loss_sum = jnp.sum(jnp.where(w > 0, loss, 0.0) * w)
+  return {"train_loss": loss_sum / jnp.maximum(total, 1.0), "all_rejected": (total <= 0).astype(jnp.float32)}

@@ -25,10 +25,12 @@ import numpy as np
 from fedjax_health import checkpointing
 from fedjax_health import client as client_lib
 from fedjax_health import distributed
+from fedjax_health import divergence
 from fedjax_health import metrics as metrics_lib
 from fedjax_health import models
 from fedjax_health import plugins
 from fedjax_health import resources
+from fedjax_health import workdir as workdir_lib
 from fedjax_health.config_validation import validate_config
 from fedjax_health.data import registry as data_registry
 from fedjax_health.data.federated import BatchPlanSpec, FederatedData
@@ -98,7 +100,8 @@ def run_experiment(exp: Experiment, config, log: Callable[[str], None], write_ro
                    workdir: str | None = None) -> dict:
   """Runs ``config.num_rounds`` rounds of ``exp`` (resuming from a checkpoint); returns the final evaluation."""
   # The round key travels as raw key data so that it can be a replicated global array too.
-  round_fn = jax.jit(lambda s, t, k: exp.round_fn(s, t, jax.random.wrap_key_data(k)), donate_argnums=(0,))
+  exp_round = divergence.with_finite_flag(exp.round_fn, exp.params_of, config.get("divergence_loss_limit", float("inf")))
+  round_fn = jax.jit(lambda s, t, k: exp_round(s, t, jax.random.wrap_key_data(k)), donate_argnums=(0,))
   state, start, ckpt = exp.init_state, 0, None
   train = exp.train
   rng = jax.random.key_data(jax.random.key(config.seed + 1))
@@ -121,17 +124,21 @@ def run_experiment(exp: Experiment, config, log: Callable[[str], None], write_ro
       if last > config.num_rounds:
         raise checkpointing.CheckpointMismatchError(
             f"checkpoint of {exp.name} is at round {last} > config.num_rounds={config.num_rounds}")
-      restored = ckpt.restore(last, local(state)) if ckpt is not None else local(state)
+      restored, last = ckpt.restore_latest(last, local(state), log) if ckpt is not None else (local(state), last)
       if multi:
+        last = int(distributed.broadcast_from_chief(np.int64(last)))
         restored = distributed.replicate(distributed.broadcast_from_chief(restored), mesh)
       state, start = restored, last
       log(f"[{exp.name}] resumed from the checkpoint of round {last}")
   if exp.round_path:
     log(f"[{exp.name}] client training path: {exp.round_path}")
   last_eval, t0 = {}, time.time()
+  guard = divergence.Guard(exp.name, config, log, local)
   for r in range(start + 1, config.num_rounds + 1):
     state, round_metrics = round_fn(state, train, rng)
+    round_metrics = guard.observe(r, round_metrics)
     if r % config.eval_every == 0 or r == config.num_rounds:
+      guard.check()  # raises before a diverged round's row is written (config.on_divergence="stop")
       row = {"experiment": exp.name, "round": r, "time_s": round(time.time() - t0, 3)}
       row.update({k: _to_json(v) for k, v in local(round_metrics).items()})
       last_eval = exp.evaluate(local(state))
@@ -141,7 +148,7 @@ def run_experiment(exp: Experiment, config, log: Callable[[str], None], write_ro
       log(f"[{exp.name}] round {r:4d}/{config.num_rounds} train_loss={row['train_loss']:.4f} "
           f"acc={row['accuracy']:.3f} mean_client_acc={row['mean_client_accuracy']:.3f} "
           f"worst_client_acc={row['worst_client_accuracy']:.3f}{extra} ({row['time_s']:.1f}s)")
-    if ckpt is not None and (r % config.checkpoint_every == 0 or r == config.num_rounds):
+    if ckpt is not None and (r % config.checkpoint_every == 0 or r == config.num_rounds) and guard.check():
       ckpt.save(r, local(state))
   if not last_eval:  # resumed at the final round: evaluate the restored state
     last_eval = exp.evaluate(local(state))
@@ -217,6 +224,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, log: Callable[
   if distributed.is_multiprocess() and not distributed.is_chief():
     # Every process computes the same replicated results; only process 0 writes, logs and checkpoints.
     workdir, log = tempfile.mkdtemp(prefix=f"fedjax_health_p{jax.process_index()}_"), (lambda s: None)
+  workdir_lib.prepare(workdir, config)  # refuses a workdir of another config (config.overwrite: clears it)
   os.makedirs(workdir, exist_ok=True)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   resuming = config.checkpoint_every > 0 and config.resume
@@ -231,9 +239,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, log: Callable[
   # On resume, rows already written are kept; rounds recomputed after the last checkpoint are
   # identical (deterministic rounds), so they are not written twice.
   rows: list[dict] = []
-  if resuming and os.path.exists(metrics_path):
-    with open(metrics_path) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
+  if resuming:
+    rows = workdir_lib.read_metrics(metrics_path, log)  # drops a last line cut by a kill
   seen = {(r["experiment"], r["round"]) for r in rows}
   with open(metrics_path, "a" if resuming else "w") as mf:
 

@@ -69,17 +69,48 @@ def test_mismatched_config_is_refused_and_nothing_overwritten(tmp_path):
   assert open(os.path.join(workdir, "metrics.jsonl")).read() == before
 
 
-def test_corrupt_checkpoint_gives_clear_error(tmp_path):
+def _truncate_data_files(step_dir):
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      path = os.path.join(root, name)
+      if os.path.basename(root) == "d":  # tensorstore data files (the arrays), not the metadata
+        with open(path, "r+b") as f:
+          f.truncate(os.path.getsize(path) // 2)
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
+  workdir = str(tmp_path)
+  simulation.run(_config(num_rounds=4), workdir, log=lambda s: None)  # keeps the checkpoints of rounds 2, 4
+  _truncate_data_files(os.path.join(workdir, "checkpoints", "fedavg", "4"))
+  lines = []
+  simulation.run(_config(num_rounds=6), workdir, log=lines.append)
+  warning = [l for l in lines if "corrupt" in l]
+  assert warning and "round 4" in warning[0] and "falling back to the checkpoint of round 2" in warning[0], lines
+  assert len(warning[0]) < 600  # one line, not pages of tensorstore text
+  assert any("resumed from the checkpoint of round 2" in l for l in lines)
+  assert [r["round"] for r in _rows(workdir)] == [1, 2, 3, 4, 5, 6]  # rounds 3-4 recomputed, not rewritten
+
+
+def test_every_checkpoint_corrupt_is_named(tmp_path):
   workdir = str(tmp_path)
   simulation.run(_config(num_rounds=2), workdir, log=lambda s: None)
   step_dir = os.path.join(workdir, "checkpoints", "fedavg", "2")
   for root, _, files in os.walk(step_dir):
     for name in files:
-      path = os.path.join(root, name)
-      with open(path, "wb") as f:
+      with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
-  with pytest.raises(checkpointing.CheckpointMismatchError, match="does not match"):
+  with pytest.raises(checkpointing.CheckpointCorruptError, match=r"checkpoint of round 2 .* is corrupt") as e:
     simulation.run(_config(num_rounds=4), workdir, log=lambda s: None)
+  assert len(str(e.value)) < 800
+
+
+def test_mismatched_state_is_not_called_corrupt(tmp_path):
+  import jax.numpy as jnp
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "c"))
+  ckpt.save(1, {"w": jnp.zeros(3)})
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="does not match this run's state"):
+    ckpt.restore(1, {"w": jnp.zeros(4)})
+  ckpt.close()
 
 
 def test_resume_false_starts_over(tmp_path):
@@ -87,7 +118,8 @@ def test_resume_false_starts_over(tmp_path):
   simulation.run(_config(num_rounds=2), workdir, log=lambda s: None)
   config = _config(num_rounds=2)
   config.resume = False
-  config.client.learning_rate = 0.5  # allowed: we are starting over
+  config.client.learning_rate = 0.5  # allowed: we are starting over and deleting the earlier outputs
+  config.overwrite = True
   lines = []
   simulation.run(config, workdir, log=lines.append)
   assert not any("resumed" in l for l in lines)

@@ -175,7 +175,7 @@ def clustered_round(model, *, num_clients: int, cohort_size: int, plan, num_clus
       clients = {**clients, "cluster": jnp.where(orphaned, -1, clients["cluster"])}
       split_info = {**split_info, "orphaned_by_split": jnp.sum(orphaned)}
     metrics = {
-        "train_loss": jnp.sum(aux["loss"] * weights) / jnp.maximum(jnp.sum(weights), 1.0),
+        **metrics_lib.cohort_train_loss(aux["loss"], weights, info.get("rejected")),
         "examples_used": jnp.sum(weights),
         "num_clusters": num_active,
         "clusters_used": jnp.sum(jnp.bincount(assigned, weights=keep.astype(jnp.float32), length=num_clusters) > 0),

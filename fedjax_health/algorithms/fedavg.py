@@ -21,6 +21,7 @@ import optax
 
 from fedjax_health import client as client_lib
 from fedjax_health import lowrank as lowrank_lib
+from fedjax_health import metrics as metrics_lib
 from fedjax_health.aggregators import base as agg_base
 from fedjax_health.data.federated import BatchPlanSpec, make_batch_plan, sample_cohort
 
@@ -226,7 +227,7 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     server_updates, opt_state = server_opt.update(pseudo_grad, state.opt_state, state.params)
     params = optax.apply_updates(state.params, server_updates)
     metrics = {
-        "train_loss": jnp.sum(aux["loss"] * weights) / jnp.maximum(jnp.sum(weights), 1.0),
+        **metrics_lib.cohort_train_loss(aux["loss"], weights, info.get("rejected")),
         "examples_used": jnp.sum(weights),
         "mean_update_norm": jnp.mean(norms),
         "aggregate_norm": jnp.sqrt(client_lib.tree_sq_norm(agg)),

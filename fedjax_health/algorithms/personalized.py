@@ -37,6 +37,7 @@ import optax
 from flax import traverse_util
 
 from fedjax_health import client as client_lib
+from fedjax_health import metrics as metrics_lib
 from fedjax_health.aggregators import base as agg_base
 from fedjax_health.algorithms import fedavg as fedavg_lib
 from fedjax_health.algorithms import state as state_lib
@@ -141,7 +142,7 @@ def personalized_round(*, num_clients: int, cohort_size: int, plan, client_updat
     params = optax.apply_updates(state.params, server_updates)
     keep = ~info["rejected"] if "rejected" in info else None
     clients = state_lib.scatter(state.clients, cohort, new_personal, keep)
-    metrics = {"train_loss": jnp.sum(aux["loss"] * weights) / jnp.maximum(jnp.sum(weights), 1.0),
+    metrics = {**metrics_lib.cohort_train_loss(aux["loss"], weights, info.get("rejected")),
                "examples_used": jnp.sum(weights)}
     metrics.update({k: jnp.mean(v) for k, v in aux.items() if k.startswith("mean_")})
     metrics.update({k: v for k, v in info.items() if jnp.ndim(v) == 0})

@@ -159,10 +159,42 @@ def check_attack_defense(config, data=None) -> None:
               f"'{'patch' if image else 'features'}' for {'image' if image else 'tabular'} data", a.trigger)
     for field, v in (("target", a.target),):
       require(0 <= v < data.num_classes, f"attack.{field}", f"a class in [0, {data.num_classes})", v)
+    check_rule_fields(d)
+    cohort = _cohort(config, data)
     try:
-      build_rule(d, _cohort(config, data))
+      build_rule(d, cohort)
     except ValueError as e:
-      raise ValueError(f"config.defense.aggregator={d.aggregator!r} cannot work for this cohort: {e}") from None
+      used = ", ".join(f"defense.{f}={d[f]!r}" for f in RULE_FIELDS[d.aggregator])
+      raise ValueError(f"config.defense.aggregator={d.aggregator!r}{' with ' + used if used else ''} cannot work "
+                       f"for cohorts of {cohort} clients (config.cohort_size={config.cohort_size}): {e}") from None
+
+
+# The config.defense fields each aggregation rule reads (named in its errors).
+RULE_FIELDS = {"mean": (), "norm_bound": ("max_norm",), "weak_dp": ("max_norm", "noise_std"),
+               "krum": ("num_byzantine",), "multi_krum": ("num_byzantine", "num_selected"), "median": (),
+               "trimmed_mean": ("trim_fraction",), "geometric_median": ("gm_iters",), "bulyan": ("num_byzantine",)}
+
+
+def check_rule_fields(d) -> None:
+  """Checks the fields the chosen rule reads, each error naming its field."""
+  import math
+  fields = RULE_FIELDS.get(d.aggregator, ())
+  num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+  if "max_norm" in fields:
+    require(num(d.max_norm) and d.max_norm > 0, "defense.max_norm", "a finite number > 0", d.max_norm)
+  if "noise_std" in fields:
+    require(num(d.noise_std) and d.noise_std >= 0, "defense.noise_std", "a finite number >= 0", d.noise_std)
+  if "num_byzantine" in fields:
+    require(isinstance(d.num_byzantine, int) and d.num_byzantine >= 0, "defense.num_byzantine", "an integer >= 0",
+            d.num_byzantine)
+  if "num_selected" in fields:
+    require(isinstance(d.num_selected, int) and d.num_selected >= 0, "defense.num_selected",
+            "an integer >= 0 (0: n - f)", d.num_selected)
+  if "trim_fraction" in fields:
+    require(num(d.trim_fraction) and 0 <= d.trim_fraction < 0.5, "defense.trim_fraction", "in [0, 0.5)",
+            d.trim_fraction)
+  if "gm_iters" in fields:
+    require(isinstance(d.gm_iters, int) and d.gm_iters >= 1, "defense.gm_iters", "an integer >= 1", d.gm_iters)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,18 +38,32 @@ def read_center_file(path: str) -> np.ndarray:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"heart disease data file not found: {path}")
   rows = []
-  with open(path) as f:
-    for lineno, line in enumerate(f, 1):
-      line = line.strip()
-      if not line:
-        continue
-      fields = line.split(",")
-      if len(fields) != len(COLUMNS):
-        raise ValueError(f"{path}:{lineno}: expected {len(COLUMNS)} comma-separated fields, got {len(fields)}")
-      try:
-        rows.append([np.nan if v.strip() == "?" else float(v) for v in fields])
-      except ValueError as e:
-        raise ValueError(f"{path}:{lineno}: malformed value ({e})") from None
+  with open(path, "rb") as f:
+    raw = f.read()
+  if b"\0" in raw:
+    raise ValueError(f"{path}: binary data, not the UCI text format (comma-separated numbers, '?' for missing)")
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = raw[:e.start].count(b"\n") + 1
+    raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); expected the UCI text format") from None
+  for lineno, line in enumerate(text.splitlines(), 1):
+    line = line.strip()
+    if not line:
+      continue
+    fields = line.split(",")
+    if len(fields) != len(COLUMNS):
+      raise ValueError(f"{path}:{lineno}: expected {len(COLUMNS)} comma-separated fields, got {len(fields)}")
+    try:
+      row = [np.nan if v.strip() == "?" else float(v) for v in fields]
+    except ValueError as e:
+      raise ValueError(f"{path}:{lineno}: malformed value ({e})") from None
+    if any(np.isinf(row)):
+      raise ValueError(f"{path}:{lineno}: infinite value in column {COLUMNS[int(np.flatnonzero(np.isinf(row))[0])]!r}")
+    num = row[COLUMNS.index("num")]
+    if not np.isnan(num) and (num < 0 or num != int(num)):
+      raise ValueError(f"{path}:{lineno}: label column 'num' must be a diagnosis 0-4 (or '?'), got {num!r}")
+    rows.append(row)
   if not rows:
     raise ValueError(f"{path}: no data rows")
   return np.asarray(rows, dtype=np.float64)
@@ -110,7 +124,13 @@ def load_center(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
   """Returns unnormalised (x_train, y_train, x_test, y_test) of one centre, FLamby's split."""
   raw = read_center_file(path)
   keep_cols = [i for i in range(14) if i not in DROPPED]
-  raw = raw[~np.isnan(raw[:, keep_cols]).any(axis=1)]
+  complete = ~np.isnan(raw[:, keep_cols]).any(axis=1)
+  if np.isnan(raw[:, 13]).all():
+    raise ValueError(f"{path}: every label ('num', column 14) is missing ('?')")
+  if complete.sum() < 2:
+    raise ValueError(f"{path}: {complete.sum()} of {len(raw)} rows are complete (rows with '?' outside "
+                     f"slope/ca/thal are dropped, as in FLamby); need at least 2 for a train/test split")
+  raw = raw[complete]
   y = (raw[:, 13] > 0).astype(np.int32)
   x = _encode(raw)
   levels, counts = np.unique(y, return_counts=True)

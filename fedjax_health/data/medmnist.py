@@ -35,16 +35,56 @@ def load_arrays(subset: str, path: str | None = None) -> dict[str, tuple[np.ndar
   path = path or default_path(subset)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"MedMNIST file not found: {path}")
-  with np.load(path) as f:
+  try:
+    f = np.load(path, allow_pickle=False)
+  except Exception as e:  # a truncated file, a non-zip file, a pickle: numpy raises several types
+    raise ValueError(f"{path}: not a readable MedMNIST .npz file ({type(e).__name__}: {e})") from None
+  if not hasattr(f, "files"):
+    raise ValueError(f"{path}: a single .npy array, not a MedMNIST .npz archive of train/val/test arrays")
+  with f:
     out = {}
     for split in ("train", "val", "test"):
       for key in (f"{split}_images", f"{split}_labels"):
         if key not in f:
           raise ValueError(f"{path}: missing array {key!r}")
-      x = f[f"{split}_images"].astype(np.float32) / 255.0
-      if x.ndim == 3:
-        x = x[..., None]
-      out[split] = (x, f[f"{split}_labels"].reshape(-1).astype(np.int32))
+      try:
+        images, labels = f[f"{split}_images"], f[f"{split}_labels"]
+      except Exception as e:  # a truncated member, a bad CRC, an object array
+        raise ValueError(f"{path}: cannot read {split}_images/{split}_labels ({type(e).__name__}: {e})") from None
+      out[split] = _checked_split(path, split, images, labels, SUBSETS[subset])
+  return out
+
+
+def _checked_split(path: str, split: str, images: np.ndarray, labels: np.ndarray, num_classes: int):
+  """Returns (x float32 [N,H,W,C] in [0, 1], y int32 [N]); errors name the file and array."""
+  if images.ndim not in (3, 4):
+    raise ValueError(f"{path}: {split}_images must be [N, height, width] or [N, height, width, channels], "
+                     f"got shape {images.shape}")
+  if not (np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)):
+    raise ValueError(f"{path}: {split}_images must be numbers, got dtype {images.dtype}")
+  labels = labels.reshape(len(labels), -1) if labels.ndim > 1 else labels
+  if labels.ndim == 2 and labels.shape[1] != 1:
+    raise ValueError(f"{path}: {split}_labels must hold one class id per image, got shape {labels.shape}")
+  labels = labels.reshape(-1)
+  if len(labels) != len(images):
+    raise ValueError(f"{path}: {split}_images has {len(images)} images but {split}_labels has {len(labels)} labels")
+  if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
+    raise ValueError(f"{path}: {split}_labels must be integer class ids, got dtype {labels.dtype}")
+  bad = ~np.isfinite(labels) if np.issubdtype(labels.dtype, np.floating) else np.zeros(len(labels), bool)
+  bad |= (np.nan_to_num(labels) != np.round(np.nan_to_num(labels))) | (np.nan_to_num(labels) < 0)
+  bad |= np.nan_to_num(labels) >= num_classes
+  if bad.any():
+    i = int(np.flatnonzero(bad)[0])
+    raise ValueError(f"{path}: {split}_labels must be class ids in [0, {num_classes}), found {labels[i]!r} "
+                     f"at index {i}")
+  x = images.astype(np.float32) / 255.0
+  if np.issubdtype(images.dtype, np.floating):
+    finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if not finite.all():
+      raise ValueError(f"{path}: {split}_images holds NaN or inf pixels (first in image {int(np.flatnonzero(~finite)[0])})")
+  if x.ndim == 3:
+    x = x[..., None]
+  return x, labels.astype(np.int32)
   return out
 
 
