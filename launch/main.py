@@ -9,7 +9,7 @@ process's command line; the cohort is sharded over all processes' devices.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fedjax_health import distributed, simulation
+from fedjax_health import distributed, progress, simulation
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/<name>.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, metrics.jsonl, summary.json, plots.")
@@ -24,7 +24,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  simulation.run(_CONFIG.value, _WORKDIR.value, log=lambda s: print(s, flush=True))
+  simulation.run(_CONFIG.value, _WORKDIR.value, log=progress.Console())  # a progress bar on a terminal
 
 
 if __name__ == "__main__":
