@@ -296,9 +296,10 @@ def check_tfds(config, data=None) -> None:
   ds = config.dataset
   if ds.name != "tfds":
     return
-  for field in dataset_config().keys():
-    require(field in ds, f"dataset.{field}", "set (start from fedjax_health.data.tfds_data.dataset_config())",
-            None)
+  missing = [f for f in dataset_config().keys() if f not in ds]
+  if missing:
+    raise ValueError(f"config.dataset lacks the tfds fields {missing}: start the section from "
+                     "fedjax_health.data.tfds_data.dataset_config() (see configs/tfds_mnist.py)")
   require(isinstance(ds.tfds_name, str) and ds.tfds_name, "dataset.tfds_name", "a tfds dataset name", ds.tfds_name)
   require(ds.train_split != "", "dataset.train_split", "a tfds split", ds.train_split)
   require(ds.test_split != "", "dataset.test_split", "a tfds split (e.g. 'train[80%:]')", ds.test_split)
