@@ -238,7 +238,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, log: Callable[
     with open(metrics_path) as f:
       rows = [json.loads(line) for line in f if line.strip()]
   seen = {(r["experiment"], r["round"]) for r in rows}
-  board = tensorboard.RunBoard(workdir, fresh=not resuming)  # workdir/tb: event files for TensorBoard
+  board = tensorboard.RunBoard(workdir, replay=rows)  # workdir/tb: event files for TensorBoard
   with open(metrics_path, "a" if resuming else "w") as mf:
 
     def write_row(row):

@@ -64,16 +64,19 @@ def flatten_scalars(row: dict, prefix: str = "") -> tuple[dict[str, float], dict
 class RunBoard:
   """Writes one TensorBoard run per experiment under ``workdir/tb``.
 
-  ``fresh=True`` removes event files of an earlier run in the same workdir (as ``metrics.jsonl``
-  is rewritten then); on resume they are kept and only new rows are appended.
+  ``metrics.jsonl`` is the record: the board starts empty (event files of an earlier run in the
+  workdir are removed) and, on resume, is given the rows already in ``metrics.jsonl`` again
+  (``replay``), so a run killed before its events were flushed loses nothing and repeats nothing.
   """
 
-  def __init__(self, workdir: str, fresh: bool = True):
+  def __init__(self, workdir: str, replay: Iterable[dict] = ()):
     self.root = tb_dir(workdir)
-    if fresh and os.path.isdir(self.root):
+    if os.path.isdir(self.root):
       shutil.rmtree(self.root)
     os.makedirs(self.root, exist_ok=True)
     self._writers = {}
+    for row in replay:
+      self.write_row(row)
 
   def writer(self, run: str):
     if run not in self._writers:
@@ -96,7 +99,6 @@ class RunBoard:
       if len(values) <= MAX_LIST_SCALARS:
         for i, v in enumerate(values):
           w.add_scalar(f"{tag}/{i}", v, step)
-    w.flush()  # on disk with the metrics.jsonl row, so a killed run's events match its rows
 
   def image_file(self, run: str, tag: str, path: str, step: int = 0) -> None:
     """Adds the PNG at ``path`` as image ``tag`` of ``run``."""
@@ -173,7 +175,7 @@ def finish_training(board: RunBoard, rows: list[dict], summary: dict, workdir: s
 
 def write_inversion(workdir: str, summary: dict, grid_path: str | None) -> None:
   """Writes an inversion run's numbers, per-feature errors and reconstruction grid to ``workdir/tb``."""
-  board = RunBoard(workdir, fresh=True)
+  board = RunBoard(workdir)
   w = board.writer("inversion")
   scalars, _ = flatten_scalars(summary)
   for tag, v in scalars.items():

@@ -4,6 +4,7 @@ import glob
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -52,10 +53,13 @@ def _assert_same(read, expected):
     assert read == expected
 
 
-def test_training_run_events_equal_metrics_jsonl(tmp_path):
+def test_training_run_events_equal_metrics_jsonl_also_after_resume(tmp_path):
   config = base_config()
-  config.num_rounds, config.client.num_steps = 3, 3
+  config.num_rounds, config.client.num_steps, config.checkpoint_every = 2, 3, 2
   workdir = str(tmp_path)
+  simulation.run(config, workdir, log=lambda s: None)
+  shutil.rmtree(tmp_path / "tb")  # as if killed before the events were flushed
+  config.num_rounds = 3  # resumes from round 2's checkpoint: the board replays rounds 1-2
   simulation.run(config, workdir, log=lambda s: None)
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   acc = _read(os.path.join(workdir, "tb", "fedavg"))
@@ -88,18 +92,15 @@ def test_training_run_events_equal_metrics_jsonl(tmp_path):
   assert f"| fedavg | {rows[-1]['accuracy']:.4g} |" in table
 
 
-def test_fresh_board_replaces_old_events_resumed_keeps_them(tmp_path):
-  def events():
-    return glob.glob(str(tmp_path / "tb" / "a" / "events.out.tfevents.*"))
-
+def test_board_starts_empty_and_replays_rows(tmp_path):
   board = tb.RunBoard(str(tmp_path))
   board.write_row({"experiment": "a", "round": 1, "accuracy": 0.5})
+  board.write_row({"experiment": "a", "round": 2, "accuracy": 0.75})
   board.close()
-  assert len(events()) == 1
-  tb.RunBoard(str(tmp_path), fresh=False).close()
-  assert len(events()) == 1  # resuming keeps the events of the rounds before the checkpoint
-  tb.RunBoard(str(tmp_path), fresh=True).close()
-  assert not events()  # a run that starts over (as metrics.jsonl) drops them
+  board = tb.RunBoard(str(tmp_path), replay=[{"experiment": "a", "round": 1, "accuracy": 0.25}])
+  board.close()
+  assert len(glob.glob(str(tmp_path / "tb" / "a" / "events.out.tfevents.*"))) == 1  # old events removed
+  assert _scalar_series(_read(str(tmp_path / "tb" / "a")), "accuracy") == {1: 0.25}
 
 
 def test_nested_lists_nonfinite_and_epsilon_curve(tmp_path):
