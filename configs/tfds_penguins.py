@@ -4,7 +4,7 @@
 Dream, Torgersen); each island is a client (``client_feature="island"``), like a hospital in a
 cross-silo federation. The test split is the last 20% of tfds's only split. Logistic regression on
 the z-scored measurements + one-hot sex, 20 rounds of 50 local steps; seconds on a CPU.
-Prepare once (docs/tfds.md): ``pip install tensorflow-datasets && tfds build penguins/simple
+Prepare once (docs/tfds.md; tabular, so no TensorFlow): ``pip install tensorflow-datasets && tfds build penguins/simple
 --file_format=array_record`` (needs network), or ``--config.dataset.download=True``. The smoke
 variant reads tfds's mock data (random examples of the same feature spec).
 
