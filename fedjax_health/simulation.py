@@ -29,7 +29,9 @@ from fedjax_health import divergence
 from fedjax_health import metrics as metrics_lib
 from fedjax_health import models
 from fedjax_health import plugins
+from fedjax_health import progress
 from fedjax_health import resources
+from fedjax_health import tensorboard
 from fedjax_health import workdir as workdir_lib
 from fedjax_health.config_validation import validate_config
 from fedjax_health.data import registry as data_registry
@@ -134,22 +136,23 @@ def run_experiment(exp: Experiment, config, log: Callable[[str], None], write_ro
     log(f"[{exp.name}] client training path: {exp.round_path}")
   last_eval, t0 = {}, time.time()
   guard = divergence.Guard(exp.name, config, log, local)
+  bar = progress.RoundProgress(exp.name, config.num_rounds, start, log)
   for r in range(start + 1, config.num_rounds + 1):
     state, round_metrics = round_fn(state, train, rng)
     round_metrics = guard.observe(r, round_metrics)
+    bar.round_done(r, round_metrics)
     if r % config.eval_every == 0 or r == config.num_rounds:
       guard.check()  # raises before a diverged round's row is written (config.on_divergence="stop")
       row = {"experiment": exp.name, "round": r, "time_s": round(time.time() - t0, 3)}
       row.update({k: _to_json(v) for k, v in local(round_metrics).items()})
+      train_done = bar.clock()
       last_eval = exp.evaluate(local(state))
       row.update(last_eval)
       write_row(row)
-      extra = f" auc={row['auc']:.3f}" if "auc" in row else ""
-      log(f"[{exp.name}] round {r:4d}/{config.num_rounds} train_loss={row['train_loss']:.4f} "
-          f"acc={row['accuracy']:.3f} mean_client_acc={row['mean_client_accuracy']:.3f} "
-          f"worst_client_acc={row['worst_client_accuracy']:.3f}{extra} ({row['time_s']:.1f}s)")
+      bar.evaluated(r, row, train_done)
     if ckpt is not None and (r % config.checkpoint_every == 0 or r == config.num_rounds) and guard.check():
       ckpt.save(r, local(state))
+  bar.close()
   if not last_eval:  # resumed at the final round: evaluate the restored state
     last_eval = exp.evaluate(local(state))
   if ckpt is not None:
@@ -242,6 +245,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, log: Callable[
   if resuming:
     rows = workdir_lib.read_metrics(metrics_path, log)  # drops a last line cut by a kill
   seen = {(r["experiment"], r["round"]) for r in rows}
+  board = tensorboard.RunBoard(workdir, replay=rows)  # workdir/tb: event files for TensorBoard
   with open(metrics_path, "a" if resuming else "w") as mf:
 
     def write_row(row):
@@ -250,6 +254,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, log: Callable[
       rows.append(row)
       mf.write(json.dumps(row) + "\n")
       mf.flush()
+      board.write_row(row)
 
     log(f"dataset={data.name} clients={data.num_clients} train_examples={data.train.num_examples} "
         f"model={config.model.name} algorithm={config.algorithm} rounds={config.num_rounds} "
@@ -267,6 +272,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, log: Callable[
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   plot_curves(rows, os.path.join(workdir, "learning_curves.png"))
+  tensorboard.finish_training(board, rows, summary, workdir)
   log("\n" + format_table(summary))
   return summary
 

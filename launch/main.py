@@ -16,7 +16,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fedjax_health import config_file, distributed, simulation
+from fedjax_health import config_file, distributed, progress, simulation
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/<name>.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config.json, metrics.jsonl, summary.json, plots.")
@@ -57,7 +57,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    simulation.run(_CONFIG.value, _WORKDIR.value, log=lambda s: print(s, flush=True))
+    simulation.run(_CONFIG.value, _WORKDIR.value, log=progress.Console())  # a progress bar on a terminal
   except Exception as e:  # a validated error (or a bug) as one line; --traceback for the rest
     fail(e, _TRACEBACK.value)
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fedjax_health import tensorboard
 from fedjax_health.aggregators.base import UpdateTransform, chain, weighted_mean
 from fedjax_health.algorithms import fedavg as fedavg_lib
 from fedjax_health.algorithms.registry import build_fedavg_algorithm
@@ -292,4 +293,5 @@ def run_inversion(config: ml_collections.ConfigDict, workdir: str, log: Callable
                  f"{config.inversion.attack} on {data.name} ({config.model.name})")
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
+  tensorboard.write_inversion(workdir, summary, os.path.join(workdir, "inversion_grid.png") if "psnr" in out else None)
   return summary

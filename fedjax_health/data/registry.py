@@ -6,7 +6,7 @@ from typing import Callable
 
 import numpy as np
 
-from fedjax_health.data import heart_disease, medmnist, synthetic
+from fedjax_health.data import heart_disease, medmnist, synthetic, tfds_data
 from fedjax_health.data.federated import FederatedData
 
 
@@ -36,6 +36,7 @@ DATASETS: dict[str, Callable] = {
     "breastmnist": _medmnist("breastmnist"),
     "retinamnist": _medmnist("retinamnist"),
     "synthetic": _synthetic,
+    "tfds": tfds_data.load,  # any tfds dataset by config.dataset.tfds_name (tfds_data.dataset_config())
 }
 
 
