@@ -4,7 +4,8 @@
 depends on ``log``:
 
 * ``Console(stream)`` whose stream is a terminal (``stream.isatty()``): one self-rewriting line per
-  experiment with a bar, rounds done, the rate (rounds/s), the ETA and the latest evaluated
+  experiment with a bar, rounds done, the rate (rounds/s over the last ``RATE_WINDOW`` rounds, so
+  that the first round's compilation soon stops counting), the ETA and the latest evaluated
   metrics; when the experiment ends the bar is replaced by the final log line. Other messages
   logged meanwhile are printed above the bar.
 * anything else (``print``, ``Console`` over a file or pipe, ``list.append`` in tests): one line
@@ -19,6 +20,7 @@ to a file logs lines.
 
 from __future__ import annotations
 
+import collections
 import sys
 import time
 from typing import Callable, TextIO
@@ -26,6 +28,7 @@ from typing import Callable, TextIO
 import jax
 
 BAR_WIDTH = 24
+RATE_WINDOW = 10  # the rate is measured over the last rounds, so one-off compilations drop out
 MIN_REDRAW_S = 0.1  # redraw the bar at most this often (a fast run would flood the terminal)
 
 
@@ -101,15 +104,17 @@ class RoundProgress:
     now = clock()
     self.t0 = now  # experiment start (this process)
     self.t_mark, self.r_mark = now, start  # end of the previous logged interval
-    self.t_first, self.r_first = None, start  # after the first round (compilation excluded from the rate)
+    self._done = collections.deque(maxlen=RATE_WINDOW + 1)  # (round, clock) when recent rounds finished
     self.t_drawn = -float("inf")
     self.latest = ""
     self.last_line = ""
 
   def _eta(self, r: int, now: float) -> tuple[float | None, float | None]:
-    if self.t_first is None or r <= self.r_first or now <= self.t_first:
+    """Returns (rounds/s over the last RATE_WINDOW rounds, seconds left), None before two rounds."""
+    if len(self._done) < 2 or self._done[-1][1] <= self._done[0][1]:
       return None, None
-    rate = (r - self.r_first) / (now - self.t_first)
+    (r0, t0), (r1, t1) = self._done[0], self._done[-1]
+    rate = (r1 - r0) / (t1 - t0)
     return rate, (self.total - r) / rate
 
   def bar_text(self, r: int, now: float) -> str:
@@ -129,8 +134,7 @@ class RoundProgress:
       return
     jax.block_until_ready(metrics)
     now = self.clock()
-    if self.t_first is None:
-      self.t_first, self.r_first = now, r
+    self._done.append((r, now))
     if now - self.t_drawn >= MIN_REDRAW_S or r == self.total:
       self.log.draw(self.bar_text(r, now))
       self.t_drawn = now

@@ -72,6 +72,18 @@ def test_bar_on_terminal_shows_rate_eta_and_latest_metrics():
                                     "mean_client_acc=0.700 worst_client_acc=0.500 (round 1.40s, total 7.0s)\n")
 
 
+def test_rate_forgets_compilation_after_the_window():
+  stream, clock = FakeTTY(), FakeClock()
+  p = progress.RoundProgress("x", 100, 0, progress.Console(stream), clock)
+  clock.t += 30.0  # round 1 compiles
+  p.round_done(1)
+  clock.t += 20.0  # round 1's evaluation compiles too
+  for r in range(2, progress.RATE_WINDOW + 3):
+    p.round_done(r)
+    clock.t += 0.25
+  assert p._eta(r, clock.t)[0] == 4.0  # the window holds only 0.25 s rounds now
+
+
 def test_redraws_are_throttled():
   stream, clock = FakeTTY(), FakeClock()
   p = progress.RoundProgress("x", 1000, 0, progress.Console(stream), clock)
