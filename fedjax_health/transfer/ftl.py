@@ -237,7 +237,7 @@ def pretrain_source(net_a, params_a, x_a, y_a, epochs: int, lr: float, lam: floa
 
 def train_ftl(net_a, net_b, params_a, params_b, x_a, y_a, x_b_ov, hp: FTLHyper, epochs: int,
               lr: float, cross: CrossProduct = plaintext_cross, log_every: int = 0,
-              log: Callable[[str], None] = print, on_epoch: Callable[[int], None] | None = None) -> FTLResult:
+              log: Callable[[str], None] = print, on_epoch: Callable[[int, float], None] | None = None) -> FTLResult:
   """Returns both parties' networks after ``epochs`` full-batch Adam steps on the FTL protocol.
 
   Each epoch: both parties compute their quantities; the two cross products go through ``cross``;
@@ -265,7 +265,7 @@ def train_ftl(net_a, net_b, params_a, params_b, x_a, y_a, x_b_ov, hp: FTLHyper, 
     upd, st_b = opt_b.update(jnp.asarray(g_b, jnp.float32), st_b, flat_b)
     flat_b = optax.apply_updates(flat_b, upd)
     if on_epoch is not None:
-      on_epoch(epoch)
+      on_epoch(epoch, loss)
     if log_every and (epoch % log_every == 0 or epoch == epochs):
       log(f"epoch {epoch:5d}/{epochs}  loss {loss:.5f}")
   params_a, params_b = unravel_a(flat_a), unravel_b(flat_b)
