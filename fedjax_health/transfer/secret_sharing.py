@@ -95,6 +95,14 @@ def _sub(x: Shared, y: Shared) -> Shared:
                 tuple(_mod(a - b) for a, b in zip(x.macs, y.macs)))
 
 
+def _check_received(got, expected, sender: str, name: str) -> None:
+  if got is None:
+    raise ValueError(f"secret sharing: the share of party {sender} for {name!r} is missing")
+  if np.shape(got) != np.shape(expected):
+    raise ValueError(f"secret sharing: the share of party {sender} for {name!r} has shape {np.shape(got)}, "
+                     f"expected {np.shape(expected)}")
+
+
 Fault = Callable[[str, str, object], object]  # (sender, message name, payload) -> payload (tests)
 
 
@@ -120,6 +128,7 @@ class SecretSharingProtocol:
     k = PARTIES.index(party)
     other = 1 - k
     sent = self._send(party, f"{name}:share", shared.values[other])
+    _check_received(sent, shared.values[other], PARTIES[k], f"{name}:share")
     self.last_seen[PARTIES[other]] = sent
     values = list(shared.values)
     values[other] = sent
@@ -134,11 +143,8 @@ class SecretSharingProtocol:
         values[k] = self._send(party, f"{name}:open", values[k])
         macs[k] = self._send(party, f"{name}:mac", macs[k])
     for k in range(2):
-      if values[k] is None or macs[k] is None:
-        raise ValueError(f"secret sharing: the share of party {PARTIES[k]} for {name!r} is missing")
-      if np.shape(values[k]) != np.shape(values[1 - k]) or np.shape(macs[k]) != np.shape(values[k]):
-        raise ValueError(f"secret sharing: the share of party {PARTIES[k]} for {name!r} has the wrong shape "
-                         f"{np.shape(values[k])}")
+      _check_received(values[k], shared.values[k], PARTIES[k], name)
+      _check_received(macs[k], shared.macs[k], PARTIES[k], f"{name} (MAC)")
     x = _mod(values[0] + values[1])
     sigma = _mod(macs[0] - x * self.dealer.delta_shares[0] + macs[1] - x * self.dealer.delta_shares[1])
     if np.any(sigma != 0):

@@ -20,8 +20,7 @@ def _setup(n_a=20, n=8, f_a=3, f_b=4, d=4, hidden=(3,), seed=0):
   return net_a, net_b, p_a, p_b, x_a, y_a, x_b
 
 
-@pytest.mark.parametrize("alignment", ["squared", "dot"])
-@pytest.mark.parametrize("hidden", [(), (3,)])
+@pytest.mark.parametrize("alignment,hidden", [("squared", (3,)), ("dot", ())])
 def test_protocol_gradients_and_loss_equal_jax_grad(alignment, hidden):
   net_a, net_b, p_a, p_b, x_a, y_a, x_b = _setup(hidden=hidden)
   hp = ftl.FTLHyper(alpha=1.3, gamma=0.7, lam=0.05, alignment=alignment)
