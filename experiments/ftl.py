@@ -65,8 +65,8 @@ def run(seeds, overlaps):
             rows.append({"model": name, "seed": seed, "overlap": 0, **m})
             done.add((name, seed, 0))
       save()
-      print(f"seed {seed} overlap {overlap}: ftl auc {rows[-1 if rows[-1]['model'] == 'ftl' else -1]['auc']:.3f} "
-            f"({time.time() - t0:.0f}s)", flush=True)
+      ftl_auc = next(r["auc"] for r in rows if (r["model"], r["seed"], r["overlap"]) == ("ftl", seed, overlap))
+      print(f"seed {seed} overlap {overlap}: ftl auc {ftl_auc:.3f} ({time.time() - t0:.0f}s)", flush=True)
 
 
 def _agg(rows, model, overlap, key):

@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fedjax_health.config_validation import register_check, require
+from fedjax_health.config_validation import register_check, require, validate_config
 from fedjax_health.simulation import register_mode
 from fedjax_health.transfer import baselines, data as tdata, ftl
 from fedjax_health.transfer.fixed_point import FixedPoint
@@ -132,7 +132,7 @@ def run_baselines(c, split: tdata.TransferData, arrays, seed: int) -> dict:
 
 @register_mode("ftl")
 def run_mode(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print) -> dict:
-  check_ftl(config)
+  validate_config(config)  # every registered check, check_ftl included, before any work
   c = config.ftl
   arrays = tdata.heart_disease_arrays(config.dataset.data_dir or None)
   split = tdata.heart_disease_split(int(c.overlap), int(config.seed), _names(c.features_a), _names(c.features_b),
