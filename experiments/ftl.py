@@ -8,7 +8,9 @@ scored on B's 254 non-overlapping patients. Rows go to docs/ftl_results.json (fi
 skipped on a rerun); the tables are written into docs/transfer.md between the GENERATED markers and
 the plot to docs/img/ftl_auc_vs_overlap.png. ~10 min on a shared 2-core CPU.
 
-  /work/venv/bin/python experiments/ftl.py
+  /work/venv/bin/python experiments/ftl.py                                  # main split, 6 overlaps
+  /work/venv/bin/python experiments/ftl.py --split=b_has_age_sex --overlaps=10,20,50,100
+  /work/venv/bin/python experiments/ftl.py --split=main_no_pretrain --overlaps=10,50,100
   /work/venv/bin/python experiments/ftl.py --report_only   # rebuild tables and plot from the JSON
 """
 
@@ -34,7 +36,9 @@ PLOT = os.path.join(ROOT, "docs", "img", "ftl_auc_vs_overlap.png")
 OVERLAPS = (10, 20, 50, 100, 200, 486)
 # split name -> (A's features, B's features); "main" is the one of configs/heart_disease_ftl.py.
 SPLITS = {"main": (tdata.A_FEATURES, tdata.B_FEATURES),
-          "b_has_age_sex": (tdata.A_FEATURES, ("age", "sex") + tdata.B_FEATURES)}
+          "b_has_age_sex": (tdata.A_FEATURES, ("age", "sex") + tdata.B_FEATURES),
+          "main_no_pretrain": (tdata.A_FEATURES, tdata.B_FEATURES)}
+OVERRIDES = {"main_no_pretrain": {"pretrain_epochs": 0}}  # the paper's form: A's network starts untrained
 NAMES = {"b_overlap_labels": "(1) B features + overlap labels", "ftl": "(2) FTL (plaintext)",
          "b_all_labels": "(3) B features + every label", "centralised": "(4) all features + every label"}
 
@@ -45,6 +49,8 @@ def run(seeds, overlaps, split_name="main"):
   c = ftl_exp.ftl_config()
   c.log_every = 0
   c.features_a, c.features_b = (",".join(f) for f in SPLITS[split_name])
+  for k, v in OVERRIDES.get(split_name, {}).items():
+    c[k] = v
   arrays = tdata.heart_disease_arrays()
 
   def save():
@@ -85,7 +91,8 @@ def report():
   for split_name, (fa, fb) in SPLITS.items():
     rows = [r for r in all_rows if r.get("split", "main") == split_name]
     if rows:
-      lines += [f"### Split `{split_name}`: A = {', '.join(fa)}; B = {', '.join(fb)}", ""] + _tables(rows)
+      extra = "".join(f"; {k} = {v}" for k, v in OVERRIDES.get(split_name, {}).items())
+      lines += [f"### Split `{split_name}`: A = {', '.join(fa)}; B = {', '.join(fb)}{extra}", ""] + _tables(rows)
   lines += _costs_table()
   table = "\n".join(lines)
   doc = open(DOC).read()
