@@ -63,6 +63,9 @@ def misspelt_fields(config) -> list[tuple[str, str]]:
   found = []
   for section in BASE_SECTIONS:
     node, known_node = (config, base) if not section else (config.get(section), base.get(section))
+    if section == "dataset" and hasattr(node, "items") and node.get("name") == "tfds":
+      from fedjax_health.data import tfds_data
+      known_node = tfds_data.dataset_config()
     if node is None or known_node is None or not hasattr(node, "items"):
       continue
     known = set(known_node.keys())
@@ -86,9 +89,12 @@ def check_structure(config, data=None) -> None:
   for section in ("dataset", "model", "client", "server"):
     require(section in config and hasattr(config[section], "items"), section,
             "a section (start the config from fedjax_health.config_base.base_config())", config.get(section))
-    missing = sorted(set(base[section].keys()) - set(config[section].keys()))
-    require(not missing, section, f"a section with every field of config_base.base_config() (missing: {missing})",
-            "...")
+    reference, origin = base[section], "config_base.base_config()"
+    if section == "dataset" and config.dataset.get("name") == "tfds":  # the tfds section has its own fields
+      from fedjax_health.data import tfds_data
+      reference, origin = tfds_data.dataset_config(), "data.tfds_data.dataset_config()"
+    missing = sorted(set(reference.keys()) - set(config[section].keys()))
+    require(not missing, section, f"a section with every field of {origin} (missing: {missing})", "...")
   bad = misspelt_fields(config)
   if bad:
     field, guess = bad[0]
