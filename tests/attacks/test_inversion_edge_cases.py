@@ -41,10 +41,12 @@ def test_output_bias_of_any_flax_model_is_found_by_its_jacobian(mynet):
   # Three 1-D biases of size 3: only the last one shifts the logits one to one.
   assert ino.find_output_bias(apply_fn, params, SHAPE) == ("Dense_2", "bias")
   x = jax.random.uniform(jax.random.key(1), (1,) + SHAPE)
-  for label in range(3):
+  path = ("Dense_2", "bias")
+  for label in range(3):  # the label rule on the found layer, for every class
     g = _grad(apply_fn, params, x, jnp.array([label]))
-    rec = inv.idlg(apply_fn, params, g, jax.random.key(0), input_shape=SHAPE, num_classes=3, num_steps=2)
-    assert int(rec.labels[0]) == label
+    assert int(ino.idlg_label(ino.head_bias(g, path))) == label
+  rec = inv.idlg(apply_fn, params, g, jax.random.key(0), input_shape=SHAPE, num_classes=3, num_steps=2)
+  assert int(rec.labels[0]) == 2  # end to end through the public wrapper
 
 
 def test_given_labels_are_honoured_by_inverting_gradients():
