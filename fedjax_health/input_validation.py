@@ -25,19 +25,33 @@ def _is_number(v) -> bool:
   return isinstance(v, numbers.Number) and not isinstance(v, bool)
 
 
-def _finite(config, field: str, allowed: str, cond) -> None:
-  """Requires ``config.<field>`` to be a finite real number with ``cond(value)``."""
+_ABSENT = object()
+
+
+def _lookup(config, field: str):
+  """``config.<field>``, or _ABSENT where a dataset-specific section (e.g. tfds) has no such field;
+  check_structure has already required every field of the section's own defaults."""
   node = config
   for part in field.split("."):
+    if not hasattr(node, "items") or part not in node:
+      return _ABSENT
     node = node[part]
+  return node
+
+
+def _finite(config, field: str, allowed: str, cond) -> None:
+  """Requires ``config.<field>`` to be a finite real number with ``cond(value)``."""
+  node = _lookup(config, field)
+  if node is _ABSENT:
+    return
   ok = _is_number(node) and math.isfinite(float(node)) and cond(node)
   require(ok, field, f"a finite number {allowed}" if allowed else "a finite number", node)
 
 
 def _int(config, field: str, allowed: str, cond) -> None:
-  node = config
-  for part in field.split("."):
-    node = node[part]
+  node = _lookup(config, field)
+  if node is _ABSENT:
+    return
   require(isinstance(node, numbers.Integral) and not isinstance(node, bool) and cond(node), field,
           f"an integer {allowed}", node)
 
