@@ -153,7 +153,11 @@ def render_verdict(results: dict, flamby: dict) -> str:
       continue
     vals = np.asarray([p["mean_client_accuracy"] for p in r["per_seed"]])
     if vals.mean() < fl["mean_over_4"]:
-      behind.append(f"{row} ({vals.mean():.3f} vs {fl['mean_over_4']:.3f}, sd {vals.std():.3f})")
+      # Standard error of the difference of two means over seeds (Welch), FLamby's sd from its 5 seeds.
+      se = np.sqrt(vals.var(ddof=1) / len(vals) + fl.get("mean_over_4_sd", 0.0) ** 2 / flamby.get("num_seeds", 5))
+      gap = fl["mean_over_4"] - vals.mean()
+      behind.append(f"{row} ({vals.mean():.3f} vs {fl['mean_over_4']:.3f}: {gap:.3f} below, "
+                    f"{gap / se:.1f} standard errors of the difference)")
   n = sum(1 for row in flamby["rows"] if row in results.get("flamby", {}))
   if not behind:
     return f"In FLamby's own protocol we match or beat all {n} FLamby rows (mean over the 4 hospitals)."

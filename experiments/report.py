@@ -105,8 +105,10 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--check", action="store_true", help="only report sections that are out of date (exit 1)")
   args = ap.parse_args()
-  changed = update_all(check=args.check)
-  for path, names in sections().items():
+  # Run as a script this file is __main__; renderers register into the importable module.
+  from experiments import report as registry_module
+  changed = registry_module.update_all(check=args.check)
+  for path, names in registry_module.sections().items():
     print(f"{path}: {', '.join(names)}")
   if changed:
     print(("out of date: " if args.check else "rewrote: ") + ", ".join(changed))
