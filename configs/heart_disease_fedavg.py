@@ -1,4 +1,4 @@
-"""FedAvg across the 4 hospitals of Fed-Heart-Disease (FLamby's protocol): the default simulation.
+"""FedAvg across the 4 hospitals of Fed-Heart-Disease (our protocol; FLamby's exact one: heart_disease_flamby.py).
 
 Logistic regression (13 features -> 1 logit), 15 rounds of 100 local SGD steps of batch 4 at every
 hospital, server averages weighted by examples. ~15 s on a 2-core CPU.

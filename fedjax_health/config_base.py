@@ -9,6 +9,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Returns a ConfigDict with every core field set (FedAvg on Fed-Heart-Disease)."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.num_seeds = 1  # > 1: seeds seed..seed+k-1 as one vmapped program (fedjax_health/stacked_seeds.py)
   config.mode = "train"  # train | modes registered by plugins (e.g. inversion)
   config.algorithm = "fedavg"  # fedavg | fedprox | fedopt | local | pooled (+ registered extensions)
   config.num_rounds = 15
@@ -68,4 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.server.b1 = 0.9
   config.server.b2 = 0.999
   config.server.tau = 1e-8
+  # adam | yogi | adagrad: "reddi" = Reddi et al.'s Algorithm 2 as FLamby runs it (no bias
+  # correction, momentum b1 for adagrad too); "optax" = optax's bias-corrected adam/yogi, plain adagrad.
+  config.server.form = "reddi"
+  config.server.initial_accumulator = -1.0  # reddi form: v_{-1}; < 0 = tau^2 (the paper); FLamby: 0
+  # Client weights in the aggregate: examples_used (McMahan et al.) | dataset_size (FLamby) | uniform.
+  config.server.weighting = "examples_used"
   return config

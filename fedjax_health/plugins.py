@@ -15,6 +15,8 @@ PLUGIN_MODULES = [
     "fedjax_health.attacks.inversion_run",
     "fedjax_health.attacks.attack_defense",
     "fedjax_health.transfer.experiment",
+    "fedjax_health.stacked_seeds",
+    "fedjax_health.algorithms.fedopt_checks",
 ]
 
 

@@ -23,6 +23,7 @@ from fedjax_health import client as client_lib
 from fedjax_health import lowrank as lowrank_lib
 from fedjax_health import metrics as metrics_lib
 from fedjax_health.aggregators import base as agg_base
+from fedjax_health.algorithms import fedopt as fedopt_lib
 from fedjax_health.data.federated import BatchPlanSpec, make_batch_plan, sample_cohort
 
 Params = Any
@@ -36,15 +37,23 @@ class ServerState(NamedTuple):
 
 
 def server_optimizer(name: str, learning_rate: float = 1.0, b1: float = 0.9, b2: float = 0.99,
-                     tau: float = 1e-3, momentum: float = 0.0) -> optax.GradientTransformation:
+                     tau: float = 1e-3, momentum: float = 0.0, form: str = "reddi",
+                     initial_accumulator: float | None = None) -> optax.GradientTransformation:
   """Returns the server optimiser of FedOpt: ``sgd`` (lr 1 = FedAvg), ``adam``, ``yogi``, ``adagrad``.
 
-  ``tau`` is the adaptivity (epsilon) of Reddi et al.; adagrad starts its accumulator at tau^2.
+  ``form="reddi"`` (default): Reddi et al.'s Algorithm 2 as FLamby runs it (``fedopt.reddi``: no
+  bias correction, ``tau`` outside the square root, momentum ``b1`` for adagrad too, ``v``
+  starting at ``initial_accumulator``, default tau^2). ``form="optax"``: optax's bias-corrected
+  adam, yogi, and momentum-free adagrad (accumulator starting at tau^2).
   """
   if learning_rate <= 0:
     raise ValueError(f"server learning_rate must be > 0, got {learning_rate}")
+  if form not in ("reddi", "optax"):
+    raise ValueError(f"server form must be 'reddi' or 'optax', got {form!r}")
   if name == "sgd":
     return optax.sgd(learning_rate, momentum=momentum or None)
+  if name in fedopt_lib.ADAPTIVE and form == "reddi":
+    return fedopt_lib.reddi(name, learning_rate, b1, b2, tau, initial_accumulator)
   if name == "adam":
     return optax.adam(learning_rate, b1=b1, b2=b2, eps=tau)
   if name == "yogi":
@@ -89,7 +98,7 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
            client_ctx_fn: Callable = default_client_ctx, sampling_weights=None, unroll: int | bool = 1,
            map_unroll: int | bool = 1,
            plan_fn: Callable | None = None, fast_path: str = "auto",
-           lowrank_width: int | None = None) -> FederatedAlgorithm:
+           lowrank_width: int | None = None, weighting: str = "examples_used") -> FederatedAlgorithm:
   """Returns the FedAvg/FedProx/FedOpt algorithm for ``model``.
 
   Args:
@@ -117,7 +126,11 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
       "lowrank" requires it (error naming what prevents it); "off" always trains dense copies.
     lowrank_width: clients per chunk on the low-rank path (default ``lowrank.chunk_width``: ~8 MB
       of factors on CPU, ~512 MB on accelerators).
+    weighting: the server's client weights (``fedopt.aggregation_weights``): "examples_used"
+      (McMahan et al.), "dataset_size" (FLamby) or "uniform"; 0 for a non-finite update.
   """
+  if weighting not in fedopt_lib.WEIGHTINGS:
+    raise ValueError(f"weighting must be one of {fedopt_lib.WEIGHTINGS}, got {weighting!r}")
   if not 1 <= cohort_size <= num_clients:
     raise ValueError(f"cohort_size must be in [1, num_clients={num_clients}], got {cohort_size}")
   server_opt = server_opt or optax.sgd(1.0)
@@ -147,7 +160,7 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
 
   def client_fn(shared, per_client):
     params, arrays = shared
-    offset, pos, mask, key, ctx = per_client
+    offset, pos, mask, key, ctx, _ = per_client
     batch = client_lib.gather_client_batches(arrays, offset, pos)
     return client_lib.local_train(trainer, params, batch["x"], batch["y"], mask, key, ctx)
 
@@ -155,26 +168,26 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     delta, aux = client_fn(shared, per_client)
     finite = client_lib.tree_all_finite(delta)
     delta = jax.tree.map(lambda d: jnp.where(finite, d, 0.0), delta)
-    aux, norm, scale, stats = weigh(aux, client_lib.tree_sq_norm(delta), finite, per_client[4])
+    aux, norm, scale, stats = weigh(aux, client_lib.tree_sq_norm(delta), finite, per_client[4], per_client[5])
     return (jax.tree.map(lambda d: d * scale, delta), stats), (aux, norm, finite)
 
-  def weigh(aux, sq_norm, finite, ctx):
-    """A client's weight (examples used, 0 if its update is not finite), norm and aggregation scale."""
-    w = jnp.where(finite, aux["num_examples"], 0.0)
+  def weigh(aux, sq_norm, finite, ctx, size):
+    """A client's weight (per ``weighting``, 0 if its update is not finite), norm and aggregation scale."""
+    w = jnp.where(finite, fedopt_lib.aggregation_weights(weighting, aux["num_examples"], size), 0.0)
     norm = jnp.sqrt(jnp.where(finite, sq_norm, 0.0))
     scale, stats = streaming_agg.client_scale(norm, w, ctx)
-    return dict(aux, num_examples=w), norm, scale, stats
+    return dict(aux, num_examples=jnp.where(finite, aux["num_examples"], 0.0), weight=w), norm, scale, stats
 
   def lowrank_contribution_fn(shared, per_client):
     params, arrays = shared
-    offset, pos, mask, _, _ = per_client
+    offset, pos, mask, _, _, _ = per_client
     batch = client_lib.gather_client_batches(arrays, offset, pos)
     factors, aux = lowrank_lib.local_train(chain, params, batch["x"], batch["y"], mask,
                                            learning_rate=client_opt.learning_rate,
                                            momentum=client_opt.momentum, prox_mu=prox_mu)
     sq_norm = aux.pop("sq_norm")
     finite = jnp.isfinite(sq_norm) & client_lib.tree_all_finite(factors)
-    aux, norm, scale, stats = weigh(aux, sq_norm, finite, per_client[4])
+    aux, norm, scale, stats = weigh(aux, sq_norm, finite, per_client[4], per_client[5])
     return (factors, scale, finite, stats), (aux, norm, finite)
 
   def lowrank_chunk_sum(contrib, valid):
@@ -209,17 +222,18 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     else:
       pos, mask = plan_fn(k_plan, train["sizes"][cohort])
     ctx = client_ctx_fn(cohort, state.round, k_ctx)
-    per_client = (train["offsets"][cohort], pos, mask, jax.random.split(k_clients, cohort_size), ctx)
+    sizes = train["sizes"][cohort]
+    per_client = (train["offsets"][cohort], pos, mask, jax.random.split(k_clients, cohort_size), ctx, sizes)
     shared = (state.params, train["arrays"])
     if streaming:
       agg, aux, norms, info = _streaming_aggregate(shared, per_client, k_agg)
-      agg_state, weights = state.agg_state, aux["num_examples"]
+      agg_state, weights = state.agg_state, aux["weight"]
     else:
       if mesh is None:
         updates, aux = client_lib.map_clients(lambda pc: client_fn(shared, pc), per_client, clients_per_step)
       else:
         updates, aux = client_lib.map_clients_sharded(client_fn, shared, per_client, clients_per_step, mesh)
-      weights = aux["num_examples"]
+      weights = fedopt_lib.aggregation_weights(weighting, aux["num_examples"], sizes)
       norms = agg_base.client_norms(updates)
       agg_ctx = {"params": state.params, "round": state.round, "client_ctx": ctx, "cohort": cohort}
       agg, agg_state, info = aggregator.apply(updates, weights, state.agg_state, k_agg, agg_ctx)
@@ -228,7 +242,7 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     params = optax.apply_updates(state.params, server_updates)
     metrics = {
         **metrics_lib.cohort_train_loss(aux["loss"], weights, info.get("rejected")),
-        "examples_used": jnp.sum(weights),
+        "examples_used": jnp.sum(aux["num_examples"]),
         "mean_update_norm": jnp.mean(norms),
         "aggregate_norm": jnp.sqrt(client_lib.tree_sq_norm(agg)),
     }

@@ -33,7 +33,10 @@ def build_fedavg_algorithm(config, train_ds, model, **overrides) -> fedavg_lib.F
       cohort_size=min(config.cohort_size or n, n),
       plan=build_plan(config, train_ds.client_sizes),
       client_opt=fedavg_lib.client_optimizer(c.optimizer, c.learning_rate, c.momentum),
-      server_opt=fedavg_lib.server_optimizer(s.optimizer, s.learning_rate, s.b1, s.b2, s.tau, s.momentum),
+      server_opt=fedavg_lib.server_optimizer(s.optimizer, s.learning_rate, s.b1, s.b2, s.tau, s.momentum,
+                                             form=s.get("form", "reddi"),
+                                             initial_accumulator=_initial_accumulator(s)),
+      weighting=s.get("weighting", "examples_used"),
       prox_mu=c.prox_mu,
       clients_per_step=config.clients_per_step,
       mesh=_mesh(config),
@@ -44,6 +47,12 @@ def build_fedavg_algorithm(config, train_ds, model, **overrides) -> fedavg_lib.F
   )
   kwargs.update(overrides)
   return fedavg_lib.fedavg(model, **kwargs)
+
+
+def _initial_accumulator(server):
+  """config.server.initial_accumulator: < 0 means the paper's tau^2 (None)."""
+  v0 = server.get("initial_accumulator", -1.0)
+  return None if v0 < 0 else v0
 
 
 def _single(name, config, train_ds, model, evaluate) -> Experiment:

@@ -28,10 +28,16 @@ def _activation(name: str) -> Callable:
 
 class LogisticRegression(nn.Module):
   num_outputs: int
+  init_scheme: str = "lecun_normal"  # "torch": U(-1/sqrt(fan_in), 1/sqrt(fan_in)) weights and bias, as torch.nn.Linear (FLamby)
 
   @nn.compact
   def __call__(self, x):
-    return nn.Dense(self.num_outputs, name="head")(x.reshape(x.shape[0], -1))
+    x = x.reshape(x.shape[0], -1)
+    if self.init_scheme == "torch":
+      bound = 1.0 / float(x.shape[-1]) ** 0.5
+      uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+      return nn.Dense(self.num_outputs, name="head", kernel_init=uniform, bias_init=uniform)(x)
+    return nn.Dense(self.num_outputs, name="head")(x)
 
 
 class MLP(nn.Module):
@@ -133,8 +139,10 @@ def _num_outputs(num_classes: int, binary_single_logit: bool) -> int:
   return 1 if (num_classes == 2 and binary_single_logit) else num_classes
 
 
-def _logreg(num_classes, input_shape, binary_single_logit=True, **kw):
-  return LogisticRegression(_num_outputs(num_classes, binary_single_logit))
+def _logreg(num_classes, input_shape, binary_single_logit=True, init="lecun_normal", **kw):
+  if init not in ("lecun_normal", "torch"):
+    raise ValueError(f"model.init must be 'lecun_normal' or 'torch', got {init!r}")
+  return LogisticRegression(_num_outputs(num_classes, binary_single_logit), init)
 
 
 def _mlp(num_classes, input_shape, hidden=(200,), activation="relu", binary_single_logit=False, **kw):

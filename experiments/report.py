@@ -1,0 +1,120 @@
+"""Regenerates every registered table in README.md and docs/*.md from committed result files.
+
+  python -m experiments.report            # rewrite the generated sections from docs/results, docs/perf_*.json
+  python -m experiments.report --check    # exit 1 if any generated section differs (CI / tests)
+
+A generated section sits between two markers in a Markdown file::
+
+  <!-- BEGIN generated:NAME -->
+  ...written by the renderer registered as NAME...
+  <!-- END generated:NAME -->
+
+Experiments register a renderer with ``register(name, render, sources)``: ``render() -> str`` reads
+only small committed files (``sources``: JSON/CSV under docs/), never reruns anything. A marker
+whose name nobody registered is an error, so a table cannot silently stop being generated.
+``RENDERER_MODULES`` lists the modules that register (importing them must be cheap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import importlib
+import os
+import re
+import sys
+from typing import Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+RENDERER_MODULES = ["experiments.heart_disease_table", "experiments.perf_tables", "benchmarks.stacked_seeds"]
+_MARKER = re.compile(r"(<!-- BEGIN generated:([\w.-]+) -->\n)(.*?)(<!-- END generated:\2 -->)", re.S)
+
+
+@dataclasses.dataclass(frozen=True)
+class Renderer:
+  render: Callable[[], str]
+  sources: tuple[str, ...]
+
+
+REGISTRY: dict[str, Renderer] = {}
+
+
+def register(name: str, render: Callable[[], str], sources=()) -> None:
+  """Registers ``render() -> markdown`` for the sections marked ``generated:name``."""
+  REGISTRY[name] = Renderer(render, tuple(sources))
+
+
+def load_renderers() -> None:
+  for module in RENDERER_MODULES:
+    importlib.import_module(module)
+
+
+def targets(root: str = ROOT) -> list[str]:
+  return [os.path.join(root, "README.md")] + sorted(glob.glob(os.path.join(root, "docs", "*.md")))
+
+
+def render_file(text: str, names=None, path: str = "") -> str:
+  """Returns ``text`` with every generated section (of ``names``, default all) re-rendered."""
+
+  def sub(m):
+    name = m.group(2)
+    if name not in REGISTRY:
+      raise KeyError(f"{path}: section 'generated:{name}' has no registered renderer "
+                     f"(known: {sorted(REGISTRY)}); add its module to experiments/report.py RENDERER_MODULES")
+    if names is not None and name not in names:
+      return m.group(0)
+    body = REGISTRY[name].render().rstrip("\n") + "\n"
+    return m.group(1) + body + m.group(4)
+
+  return _MARKER.sub(sub, text)
+
+
+def update_all(names=None, check: bool = False, root: str = ROOT) -> list[str]:
+  """Re-renders the generated sections of README.md and docs/*.md; returns the files that changed
+  (with ``check``, only reports them)."""
+  load_renderers()
+  changed = []
+  for path in targets(root):
+    with open(path) as f:
+      text = f.read()
+    new = render_file(text, names, os.path.relpath(path, root))
+    if new != text:
+      changed.append(os.path.relpath(path, root))
+      if not check:
+        with open(path, "w") as f:
+          f.write(new)
+  return changed
+
+
+def sections(root: str = ROOT) -> dict[str, list[str]]:
+  """Returns ``{file: [section names]}`` of every generated section found."""
+  out = {}
+  for path in targets(root):
+    with open(path) as f:
+      found = [m.group(2) for m in _MARKER.finditer(f.read())]
+    if found:
+      out[os.path.relpath(path, root)] = found
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--check", action="store_true", help="only report sections that are out of date (exit 1)")
+  args = ap.parse_args()
+  # Run as a script this file is __main__; renderers register into the importable module.
+  from experiments import report as registry_module
+  changed = registry_module.update_all(check=args.check)
+  for path, names in registry_module.sections().items():
+    print(f"{path}: {', '.join(names)}")
+  if changed:
+    print(("out of date: " if args.check else "rewrote: ") + ", ".join(changed))
+    if args.check:
+      sys.exit(1)
+
+
+if __name__ == "__main__":
+  main()

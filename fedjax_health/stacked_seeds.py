@@ -1,0 +1,210 @@
+"""Several seeds of one experiment as one compiled program: state and round keys stacked, round vmapped.
+
+``--config.num_seeds=k`` runs seeds ``config.seed, ..., config.seed + k - 1`` of a FedAvg-family or
+DP-FedAvg experiment (``SUPPORTED``) with ``jax.vmap`` over a leading seed axis of the server state
+and of the round keys; the training data is shared. Seed ``s`` is the same computation as a
+separate run with ``config.seed = s`` (model init from ``key(s)``, round keys from ``key(s + 1)``;
+tested equal to float rounding), so the k runs cost one compile and one program instead of k.
+
+Outputs in ``workdir``: ``metrics.jsonl`` with one row per seed (experiment ``<name>/seed<s>``) and
+one per experiment with the mean and sd over seeds (experiment ``<name>/mean``, fields ``<metric>``
+and ``<metric>_sd``) at every evaluated round; ``summary.json`` (``experiments``: mean final metrics,
+``experiments_sd``, ``per_seed``: each seed's final metrics); ``learning_curves.png`` (mean +- sd
+bands); ``final_params_<name>_seed<s>.npz``.
+
+Not supported (named in the error): algorithms with per-client state or host-side steps
+(clustered, personalised, attacks), checkpoints, sharding, multi-process runs, and datasets whose
+federated split changes with the seed (the MedMNIST/synthetic partitions: run those seeds apart).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fedjax_health import checkpointing
+from fedjax_health.config_validation import register_check, require
+
+SUPPORTED = ("fedavg", "fedprox", "fedopt", "local", "pooled", "dp_fedavg")
+
+
+@register_check
+def check_num_seeds(config, data=None) -> None:
+  """config.num_seeds >= 1; > 1 only where the stacked program is the same as separate runs."""
+  del data
+  k = config.get("num_seeds", 1)
+  require(isinstance(k, int) and k >= 1, "num_seeds", "an integer >= 1", k)
+  if k == 1:
+    return
+  why = f"config.num_seeds={k} (seeds stacked in one vmapped program)"
+  require(config.get("mode", "train") == "train", "mode", f"'train' with {why}", config.get("mode"))
+  require(config.algorithm in SUPPORTED, "algorithm",
+          f"one of {list(SUPPORTED)} with {why}; other algorithms keep per-client state or host-side "
+          "steps, run their seeds one by one", config.algorithm)
+  require(config.checkpoint_every == 0, "checkpoint_every", f"0 with {why} (stacked runs are not checkpointed)",
+          config.checkpoint_every)
+  require(config.num_devices <= 1, "num_devices", f"0 or 1 with {why} (no sharding of stacked seeds)",
+          config.num_devices)
+  require(jax.process_count() == 1, "num_seeds", "1 in a multi-process run", k)
+
+
+def stack_trees(trees: list):
+  """Returns the pytree whose leaves are the trees' leaves stacked on a new leading axis."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def seed_slice(tree, i: int):
+  return jax.tree.map(lambda x: x[i], tree)
+
+
+def _same_tree(a, b) -> bool:
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return (jax.tree.structure(a) == jax.tree.structure(b) and
+          all(np.shape(x) == np.shape(y) and np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb)))
+
+
+def mean_sd(dicts: list[dict]) -> tuple[dict, dict]:
+  """Returns (mean, population sd) over ``dicts`` of every numeric scalar or equal-length list field."""
+  mean, sd = {}, {}
+  for key in dicts[0]:
+    vals = [d.get(key) for d in dicts]
+    try:
+      arr = np.asarray(vals, dtype=np.float64)
+    except (TypeError, ValueError):
+      continue
+    if arr.dtype.kind != "f" or arr.shape[0] != len(dicts):
+      continue
+    m, s = arr.mean(0), arr.std(0)
+    mean[key] = m.item() if m.ndim == 0 else m.tolist()
+    sd[key] = s.item() if s.ndim == 0 else s.tolist()
+  return mean, sd
+
+
+def run_stacked(experiments: list, seeds: list[int], config, log: Callable[[str], None],
+                write_row: Callable[[dict], None], workdir: str | None = None) -> list[dict]:
+  """Runs the same experiment built for each seed (``experiments[i]`` for ``seeds[i]``) as one vmapped
+  program for ``config.num_rounds`` rounds; returns each seed's final evaluation."""
+  from fedjax_health.simulation import _to_json  # the simulation loop's JSON conversion
+  exp0 = experiments[0]
+  names = {e.name for e in experiments}
+  if len(names) != 1:
+    raise ValueError(f"stacked seeds must build the same experiment, got {sorted(names)}")
+  if not all(_same_tree(e.train, exp0.train) for e in experiments[1:]):
+    raise ValueError(f"config.num_seeds > 1: the training data of {exp0.name!r} differs between seeds "
+                     f"(config.dataset.name={config.dataset.name!r} partitions with the seed); run its seeds "
+                     "one by one")
+  k = len(seeds)
+  state = stack_trees([e.init_state for e in experiments])
+  keys = jnp.stack([jax.random.key_data(jax.random.key(s + 1)) for s in seeds])
+  round_fn = jax.jit(jax.vmap(lambda s, t, key: exp0.round_fn(s, t, jax.random.wrap_key_data(key)),
+                              in_axes=(0, None, 0)), donate_argnums=(0,))
+  if exp0.round_path:
+    log(f"[{exp0.name}] client training path: {exp0.round_path}; {k} seeds {seeds[0]}..{seeds[-1]} in one program")
+  finals, t0, t_prev = [{} for _ in seeds], time.time(), time.time()
+  for r in range(1, config.num_rounds + 1):
+    state, metrics = round_fn(state, exp0.train, keys)
+    if r % config.eval_every == 0 or r == config.num_rounds:
+      metrics = jax.device_get(metrics)
+      now = time.time()
+      rows = []
+      for i, s in enumerate(seeds):
+        finals[i] = experiments[i].evaluate(seed_slice(state, i))
+        row = {"experiment": f"{exp0.name}/seed{s}", "round": r, "seed": s, "time_s": round(now - t0, 3)}
+        row.update({key: _to_json(v[i]) for key, v in metrics.items()})
+        row.update(finals[i])
+        rows.append(row)
+        write_row(row)
+      mean, sd = mean_sd(rows)
+      agg = {"experiment": f"{exp0.name}/mean", "round": r, "num_seeds": k, "time_s": round(now - t0, 3)}
+      agg.update({key: v for key, v in mean.items() if key not in ("round", "seed", "time_s")})
+      agg.update({f"{key}_sd": v for key, v in sd.items() if key not in ("round", "seed", "time_s")})
+      write_row(agg)
+      log(f"[{exp0.name}] round {r:4d}/{config.num_rounds} over {k} seeds: "
+          f"acc={agg.get('accuracy', float('nan')):.3f}+-{agg.get('accuracy_sd', float('nan')):.3f} "
+          f"train_loss={agg.get('train_loss', float('nan')):.4f} "
+          f"(round {now - t_prev:.2f}s, total {now - t0:.1f}s)")
+      t_prev = now
+  if workdir is not None:
+    for i, s in enumerate(seeds):
+      checkpointing.save_params_npz(os.path.join(workdir, f"final_params_{exp0.name}_seed{s}.npz"),
+                                    exp0.params_of(seed_slice(state, i)))
+  return finals
+
+
+def plot_mean_sd(rows: list[dict], path: str, keys=("accuracy", "mean_client_accuracy", "train_loss")) -> None:
+  """Writes learning curves: the mean over seeds with a +-1 sd band, one line per experiment."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6))
+  agg = [r for r in rows if r["experiment"].endswith("/mean")]
+  for ax, key in zip(axes, keys):
+    for name in sorted({r["experiment"] for r in agg}):
+      pts = [(r["round"], r[key], r.get(f"{key}_sd", 0.0)) for r in agg if r["experiment"] == name and key in r]
+      if pts:
+        x, m, s = map(np.asarray, zip(*pts))
+        ax.plot(x, m, label=f"{name[:-5]} (n={agg[0]['num_seeds']})", marker="." if len(x) < 30 else None)
+        ax.fill_between(x, m - s, m + s, alpha=0.25)
+    ax.set_xlabel("round")
+    ax.set_title(f"{key} (mean +- sd over seeds)")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def run_training(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print) -> dict:
+  """``simulation.run_training`` for ``config.num_seeds > 1``: builds every seed, runs them stacked."""
+  from fedjax_health.config_validation import validate_config
+  from fedjax_health.data import registry as data_registry
+  from fedjax_health import simulation
+  validate_config(config)
+  seeds = [config.seed + i for i in range(config.num_seeds)]
+  per_seed = []
+  for s in seeds:
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.seed = s
+    data = data_registry.load_data(c.dataset, seed=s)
+    if s == seeds[0]:
+      validate_config(c, data)
+      first_data = data
+    model = simulation.build_model(c, data)
+    per_seed.append(simulation.ALGORITHMS[c.algorithm](c, data, model))
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  rows: list[dict] = []
+  log(f"dataset={first_data.name} clients={first_data.num_clients} algorithm={config.algorithm} "
+      f"rounds={config.num_rounds} seeds={seeds[0]}..{seeds[-1]} (one vmapped program) backend={jax.default_backend()}")
+  t0 = time.time()
+  finals = {}
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as mf:
+
+    def write_row(row):
+      rows.append(row)
+      mf.write(json.dumps(row) + "\n")
+      mf.flush()
+
+    for exps in zip(*per_seed):
+      finals[exps[0].name] = run_stacked(list(exps), seeds, config, log, write_row, workdir)
+  summary = {
+      "algorithm": config.algorithm, "dataset": first_data.name, "num_rounds": config.num_rounds,
+      "seed": config.seed, "num_seeds": config.num_seeds, "seeds": seeds,
+      "wall_time_s": round(time.time() - t0, 2),
+      "experiments": {}, "experiments_sd": {}, "per_seed": finals,
+  }
+  for name, evals in finals.items():
+    summary["experiments"][name], summary["experiments_sd"][name] = mean_sd(evals)
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  plot_mean_sd(rows, os.path.join(workdir, "learning_curves.png"))
+  log("\n" + simulation.format_table(summary) + f"\n(mean over {len(seeds)} seeds; sd in summary.json)")
+  return summary
