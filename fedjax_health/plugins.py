@@ -14,6 +14,7 @@ PLUGIN_MODULES = [
     "fedjax_health.privacy.experiment",
     "fedjax_health.attacks.inversion_run",
     "fedjax_health.attacks.attack_defense",
+    "fedjax_health.heterogeneous.algorithms",
 ]
 
 
