@@ -107,7 +107,8 @@ def group_models(config, num_classes: int, input_shape) -> list[tuple[str, model
       jax.eval_shape(model.init, jax.random.key(0))
     except (TypeError, ValueError) as e:
       raise ValueError(f"config.hetero.model_groups[{i}] ({spec}) does not build a model: {e}") from None
-    desc = "_".join(str(v) if not isinstance(v, (tuple, list)) else "x".join(map(str, v)) for v in kwargs.values())
+    desc = "_".join(str(kwargs[k]) if not isinstance(kwargs[k], (tuple, list)) else "x".join(map(str, kwargs[k]))
+                    for k in ("features", "dense", "hidden", "width") if k in kwargs)
     out.append((f"g{i}_{spec['name']}" + (f"_{desc}" if desc else ""), model))
   return out
 
@@ -203,14 +204,15 @@ def make_evaluate(groups, data: FederatedData, width: int = 1):
   fns = [groups_lib.make_group_outputs(g.model, g.data.test, width) for g in groups]
   ys = [jnp.asarray(g.data.test.y) for g in groups]
 
+  @jax.jit
+  def outputs_of(emb, logits, y, prototypes):
+    out = example_outputs(logits, y)
+    if prototypes is not None:
+      out["proto_correct"] = (T.nearest_prototype(emb, *prototypes) == y).astype(jnp.float32)
+    return out
+
   def evaluate(stacked, prototypes=None):
-    outputs = []
-    for fn, y, st in zip(fns, ys, stacked):
-      emb, logits = fn(st)
-      out = example_outputs(logits, y)
-      if prototypes is not None:
-        out["proto_correct"] = (T.nearest_prototype(emb, *prototypes) == y).astype(jnp.float32)
-      outputs.append(out)
+    outputs = [jax.device_get(outputs_of(*fn(st), y, prototypes)) for fn, y, st in zip(fns, ys, stacked)]
     return groups_lib.merge_evaluation(groups, outputs, data.num_clients, data.num_classes,
                                        ("proto_correct",) if prototypes is not None else ())
 

@@ -112,8 +112,8 @@ def merge_evaluation(groups: Sequence[Group], outputs: Sequence[dict], num_clien
   """
   client = np.concatenate([g.clients[g.data.test.client_of_example()] for g in groups])
   y = np.concatenate([np.asarray(g.data.test.y) for g in groups])
-  cat = {k: jnp.concatenate([jnp.asarray(o[k]) for o in outputs]) for k in outputs[0]}
-  data = {"client": jnp.asarray(client, jnp.int32), "y": jnp.asarray(y)}
+  cat = {k: np.concatenate([np.asarray(o[k]) for o in outputs]) for k in outputs[0]}
+  data = {"client": client.astype(np.int32), "y": y}
   out = metrics_lib.summarize(cat, data, num_clients, num_classes)
   per_client = np.asarray(out["per_client_accuracy"])
   counts = np.bincount(client, minlength=num_clients)
@@ -123,8 +123,7 @@ def merge_evaluation(groups: Sequence[Group], outputs: Sequence[dict], num_clien
       out[f"{g.name}_mean_client_accuracy"] = float(np.mean(acc))
       out[f"{g.name}_worst10_client_accuracy"] = metrics_lib.worst_fraction_mean(acc, 0.1)
   for key in extra_correct:
-    acc_c, _ = metrics_lib.per_client_means(cat[key], data["client"], num_clients)
-    acc_c = np.asarray(acc_c)[counts > 0]
+    acc_c = (np.bincount(client, cat[key], minlength=num_clients) / np.maximum(counts, 1))[counts > 0]
     prefix = key.removesuffix("_correct")
     out[f"{prefix}_accuracy"] = float(np.mean(np.asarray(cat[key])))
     out[f"{prefix}_mean_client_accuracy"] = float(np.mean(acc_c))
