@@ -158,7 +158,8 @@ def main(argv=None):
     for m in methods:
       if m not in METHODS:
         raise ValueError(f"--methods must be among {list(METHODS)}, got {m!r}")
-    tasks = [(d, m, int(s), args.out) for d in datasets for m in methods for s in args.seeds.split(",") if s]
+    # Seed-major within a dataset, so an interrupted grid still has every method for the first seeds.
+    tasks = [(d, m, int(s), args.out) for d in datasets for s in args.seeds.split(",") if s for m in methods]
     t0 = time.time()
     if args.workers > 1:
       with mp.get_context("spawn").Pool(args.workers) as pool:
