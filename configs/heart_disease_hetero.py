@@ -5,8 +5,9 @@ learning and consensus, FedDF's unlabelled distillation data); Hungary, Switzerl
 clients, one per architecture (round robin): logistic regression, MLP 13-13, MLP 13-32-13. The MLPs
 end in 13 units so every model's embedding (the head's input; the 13 z-scored features for logistic
 regression) has one size, as FedProto needs. Every hospital trains every round, 20 rounds of 20 SGD
-steps of batch 8; each hospital's own model is judged on its own test split. ~10-20 s per method
-on a 2-core CPU. Default FedProto; any of fedmd, fd, feddf, fedproto, hetero_local, hetero_fedavg
+steps of batch 8; each hospital's own model is judged on its own test split. One run took 50-250 s
+wall on a shared 2-core CPU (load ~20), mostly compilation. Default FedProto; any of fedmd, fd,
+feddf, fedproto, hetero_local, hetero_fedavg
 (FedAvg within each architecture) with ``--config.algorithm``; ``fedavg`` trains ``config.model``
 (the largest MLP) for all three, the homogeneous reference.
 

@@ -6,7 +6,8 @@ label mix); clinic c runs architecture c mod 3 (round robin): a small CNN (8, 16
 held): MedMNIST's labelled val split (120 images), disjoint from every clinic's data; set
 ``--config.dataset.public_source=other`` for out-of-domain unlabelled BreastMNIST images converted
 to RGB (FedDF only: FedMD needs labels). 15 rounds of 10 SGD steps of batch 16; each clinic's own
-model is judged on its own test split. ~1-2 min per method on a 2-core CPU (the CNN dominates).
+model is judged on its own test split. Compile-heavy: the CNN's local steps are unrolled (fast on
+CPU once compiled); a BreastMNIST run took ~650 s wall on a shared 2-core CPU at load ~23.
 Default FedProto; any of fedmd, fd, feddf, fedproto, hetero_local, hetero_fedavg with
 ``--config.algorithm``; ``fedavg`` trains ``config.model`` (the CNN) everywhere.
 

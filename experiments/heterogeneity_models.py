@@ -171,6 +171,7 @@ def main(argv=None):
     rows = []
     for root, _, files in os.walk(args.out):
       rows += [json.load(open(os.path.join(root, f))) for f in files if f.startswith("seed")]
+    rows = [r for r in rows if r["dataset"] in datasets]
     stats = collect(rows)
     with open(RESULTS, "w") as f:
       json.dump({"command": "experiments/heterogeneity_models.py", "stats": stats}, f, indent=1)
