@@ -2,9 +2,9 @@
 
 Cleveland (all 303 rows) is held out as the server's labelled public set (FedMD's transfer
 learning and consensus, FedDF's unlabelled distillation data); Hungary, Switzerland and VA are the
-clients, one per architecture (round robin): logistic regression, MLP 13-13, MLP 13-32-13. The MLPs
-end in 13 units so every model's embedding (the head's input; the 13 z-scored features for logistic
-regression) has one size, as FedProto needs. Every hospital trains every round, 20 rounds of 20 SGD
+clients, one per architecture (round robin): logreg (linear), MLP 13-13, MLP 13-32-13. The MLPs
+end in 13 units so every model's embedding (the head's input; the 13 z-scored features for the linear
+logreg) has one size, as FedProto needs. Every hospital trains every round, 20 rounds of 20 SGD
 steps of batch 8; each hospital's own model is judged on its own test split. One run took 50-250 s
 wall on a shared 2-core CPU (load ~20), mostly compilation. Default FedProto; any of fedmd, fd,
 feddf, fedproto, hetero_local, hetero_fedavg
