@@ -17,6 +17,7 @@ PLUGIN_MODULES = [
     "fedjax_health.transfer.experiment",
     "fedjax_health.stacked_seeds",
     "fedjax_health.algorithms.fedopt_checks",
+    "fedjax_health.heterogeneous.algorithms",
 ]
 
 

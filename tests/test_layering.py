@@ -30,6 +30,15 @@ PURE_MODULES = [
     "fedjax_health.data.partition",
     "fedjax_health.client",
     "fedjax_health.metrics",
+    "fedjax_health.algorithms.fedopt",
+    "fedjax_health.heterogeneous.transforms",
+    "fedjax_health.heterogeneous.groups",
+    "fedjax_health.heterogeneous.rounds",
+    "fedjax_health.heterogeneous.public_data",
+    "fedjax_health.transfer.ftl",
+    "fedjax_health.transfer.fixed_point",
+    "fedjax_health.transfer.paillier",
+    "fedjax_health.transfer.secret_sharing",
 ]
 FORBIDDEN = ["fedjax_health.simulation", "fedjax_health.checkpointing", "fedjax_health.config_validation",
              "fedjax_health.plugins", "orbax", "ml_collections"]

@@ -13,6 +13,7 @@ import jax
 
 from fedjax_health import client as client_lib
 from fedjax_health import distributed
+from fedjax_health import metrics as metrics_lib
 from fedjax_health.algorithms import fedavg as fedavg_lib
 from fedjax_health.simulation import Experiment, build_plan, make_global_evaluate, register_algorithm
 
@@ -55,11 +56,24 @@ def _initial_accumulator(server):
   return None if v0 < 0 else v0
 
 
+def comm_bytes(params, cohort_size: int) -> dict:
+  """Returns FedAvg's bytes per participating client per round (a dense update up, the model down)."""
+  b = metrics_lib.bytes_per_update(params)
+  return {"bytes_up_per_client": float(b), "bytes_down_per_client": float(b),
+          "bytes_up_per_round": float(b * cohort_size), "bytes_down_per_round": float(b * cohort_size)}
+
+
 def _single(name, config, train_ds, model, evaluate) -> Experiment:
   alg = build_fedavg_algorithm(config, train_ds, model)
   state = alg.init(model.init(jax.random.key(config.seed)))
-  return Experiment(name, state, alg.round_fn, fedavg_lib.device_train_data(train_ds),
-                    lambda st: evaluate(st.params), round_path=alg.path)
+  comm = comm_bytes(state.params, alg.cohort_size)
+
+  def round_fn(s, t, k):
+    s, m = alg.round_fn(s, t, k)
+    return s, {**m, **{key: jax.numpy.asarray(v, jax.numpy.float32) for key, v in comm.items()}}
+
+  return Experiment(name, state, round_fn, fedavg_lib.device_train_data(train_ds),
+                    lambda st: {**evaluate(st.params), **comm}, round_path=alg.path)
 
 
 @register_algorithm("fedavg")

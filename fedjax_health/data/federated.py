@@ -105,6 +105,9 @@ class FederatedData:
   name: str = ""
   server_val: Mapping[str, np.ndarray] | None = None  # optional held-out set on the server
   client_meta: Mapping[str, np.ndarray] | None = None  # per-client facts, e.g. planted cluster ids
+  # Server-held public data ({"x", "y"}; y = -1 where unlabelled) for distillation methods (FedMD,
+  # FedDF); disjoint from every client's data (heterogeneous/public_data.py).
+  public: Mapping[str, np.ndarray] | None = None
 
   @property
   def num_clients(self) -> int:

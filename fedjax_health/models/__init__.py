@@ -3,6 +3,11 @@
 A ``Model`` bundles pure ``init(rng) -> params`` and ``apply(params, x) -> logits`` plus the
 per-example loss; everything downstream (client training, attacks, evaluation) uses these three.
 Binary tasks may use one output logit (sigmoid + BCE, as FLamby's logistic regression) or two.
+
+Every module ends in a dense layer named ``head``; its input is the model's *embedding* (the
+representation FedProto's prototypes live in; the flattened input for logistic regression). It is
+sown into the ``intermediates`` collection, which costs nothing unless asked for:
+``Model.embed_and_logits`` returns both from one forward pass.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class LogisticRegression(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = x.reshape(x.shape[0], -1)
+    self.sow("intermediates", "embedding", x)
     if self.init_scheme == "torch":
       bound = 1.0 / float(x.shape[-1]) ** 0.5
       uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -51,6 +57,7 @@ class MLP(nn.Module):
     x = x.reshape(x.shape[0], -1)
     for i, h in enumerate(self.hidden):
       x = act(nn.Dense(h, name=f"body_{i}")(x))
+    self.sow("intermediates", "embedding", x)
     return nn.Dense(self.num_outputs, name="head")(x)
 
 
@@ -70,6 +77,7 @@ class CNN(nn.Module):
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)
     x = act(nn.Dense(self.dense, name="body_dense")(x))
+    self.sow("intermediates", "embedding", x)
     return nn.Dense(self.num_outputs, name="head")(x)
 
 
@@ -87,6 +95,7 @@ class LeNet(nn.Module):
     x = act(nn.Conv(self.width, (5, 5), strides=(2, 2), padding="SAME", name="body_conv1")(x))
     x = act(nn.Conv(self.width, (5, 5), strides=(1, 1), padding="SAME", name="body_conv2")(x))
     x = x.reshape(x.shape[0], -1)
+    self.sow("intermediates", "embedding", x)
     return nn.Dense(self.num_outputs, name="head")(x)
 
 
@@ -133,6 +142,18 @@ class Model:
 
   def example_losses(self, params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
     return per_example_loss(self.apply(params, x), y)
+
+  def embed_and_logits(self, params: Params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Returns (embedding ``[B, D]`` = the head's input, logits ``[B, out]``) from one forward pass."""
+    logits, state = self.module.apply({"params": params}, x, mutable=["intermediates"])
+    return state["intermediates"]["embedding"][0], logits
+
+  @property
+  def embedding_dim(self) -> int:
+    """Returns D, the width of the embedding the head reads."""
+    shapes = jax.eval_shape(lambda k: self.embed_and_logits(self.init(k), jnp.zeros((1,) + tuple(self.input_shape))),
+                            jax.random.key(0))
+    return int(shapes[0].shape[-1])
 
 
 def _num_outputs(num_classes: int, binary_single_logit: bool) -> int:
