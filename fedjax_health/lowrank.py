@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from fedjax_health import models as models_lib
 
 Params = Any
-MAX_STEPS = 4  # up to this many local steps are unrolled (compile time grows ~k^2); beyond, a rolled scan
+MAX_STEPS = 2  # up to this many local steps are unrolled (compile time grows ~k^2); beyond, a rolled scan
 
 
 @dataclasses.dataclass(frozen=True)

@@ -203,7 +203,7 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
       w = 0 if stacked else lowrank_at(length, batch)
       if w:
         fn = lambda pc, n=length: lowrank_contribution_fn(shared, pc, n)
-        buckets.append(step_buckets.Bucket(length, fn, w, lowrank_chunk_sum, tail_width=max(1, w // 8)))
+        buckets.append(step_buckets.Bucket(length, fn, w, lowrank_chunk_sum))
       else:
         f = client_fn if stacked else contribution_fn
         buckets.append(step_buckets.Bucket(length, lambda pc, n=length, f=f: f(shared, pc, n), clients_per_step))
