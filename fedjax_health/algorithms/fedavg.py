@@ -74,7 +74,9 @@ class FederatedAlgorithm:
   trainer: client_lib.ClientTrainer
   plan: BatchPlanSpec
   cohort_size: int
-  path: str = "plain"  # "plain" (per-client weights) or "lowrank" (see lowrank.py)
+  # "plain" (per-client weights), "lowrank" (lowrank.py) or "plain+lowrank" (short clients' step
+  # buckets low-rank, long ones dense: see step_buckets.py)
+  path: str = "plain"
 
 
 def default_client_ctx(cohort: jax.Array, round_idx: jax.Array, rng: jax.Array) -> dict:
@@ -113,10 +115,13 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     plan_fn: optional ``(rng, sizes[C]) -> (pos, mask)`` replacing ``make_batch_plan(rng, sizes, plan)``
       (e.g. Poisson-sampled batches for DP-SGD).
     fast_path: "auto" takes the exact low-rank path (``lowrank.py``: shared-weight GEMMs, no
-      per-client weights) when it applies and its factors are small (``lowrank.suitable``);
-      "lowrank" requires it (error naming what prevents it); "off" always trains dense copies.
-    lowrank_width: clients per chunk on the low-rank path (default ``lowrank.chunk_width``: ~8 MB
-      of factors on CPU, ~512 MB on accelerators).
+      per-client weights) when it applies, per step bucket (``plan.step_buckets``) where its factors
+      are small (``lowrank.suitable``), training longer clients dense; "lowrank" requires it for
+      every bucket (error naming what prevents it); "off" always trains dense copies.
+    lowrank_width: clients per chunk on the low-rank path (default ``lowrank.chunk_width`` of each
+      bucket's length: ~8 MB of factors on CPU, ~512 MB on accelerators).
+  The client-map stage runs each client only for its own steps, bucketed by length
+  (``step_buckets.py``; ``plan.step_buckets="none"``: padded to the longest); results are the same.
   """
   if not 1 <= cohort_size <= num_clients:
     raise ValueError(f"cohort_size must be in [1, num_clients={num_clients}], got {cohort_size}")
