@@ -144,11 +144,19 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
   if lowrank_width is not None and lowrank_width < 1:
     raise ValueError(f"lowrank_width must be >= 1, got {lowrank_width}")
 
-  def lowrank_at(length: int, batch: int) -> int:
-    """Chunk width of the low-rank path for clients of ``length`` steps (0: train them dense)."""
+  def lowrank_at(length: int, batch: int, num_buckets: int = 1) -> int:
+    """Chunk width of the low-rank path for clients of ``length`` steps (0: train them dense).
+
+    With several step buckets the automatic width is capped at a quarter of a bucket's average
+    share of the cohort: a bucket's last chunk is padded to the width, so a chunk far wider than the
+    bucket's clients would pay for empty lanes.
+    """
     if not use_lowrank or (fast_path == "auto" and not lowrank_lib.suitable(chain, shapes, length, batch)):
       return 0
-    return lowrank_width or lowrank_lib.chunk_width(chain, shapes, length, batch, per_device, jax.default_backend())
+    if lowrank_width:
+      return lowrank_width
+    w = lowrank_lib.chunk_width(chain, shapes, length, batch, per_device, jax.default_backend())
+    return w if num_buckets == 1 else max(1, min(w, per_device // (4 * num_buckets)))
 
   lens = step_buckets.bucket_lengths(plan.num_steps, plan.step_buckets)
   paths = {"lowrank" if lowrank_at(n, plan.batch_size) else "plain" for n in lens}
@@ -204,8 +212,9 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
   def make_buckets(shared, num_steps: int, batch: int, stacked: bool):
     """The client-map stage's buckets: per static length, the low-rank or the dense client function."""
     buckets = []
-    for length in step_buckets.bucket_lengths(num_steps, plan.step_buckets):
-      w = 0 if stacked else lowrank_at(length, batch)
+    lengths = step_buckets.bucket_lengths(num_steps, plan.step_buckets)
+    for length in lengths:
+      w = 0 if stacked else lowrank_at(length, batch, len(lengths))
       if w:
         fn = lambda pc, n=length: lowrank_contribution_fn(shared, pc, n)
         buckets.append(step_buckets.Bucket(length, fn, w, lowrank_chunk_sum))
