@@ -2,9 +2,11 @@
 
 Synthetic(1, 1) of Li et al. (60 features, 10 classes), client sizes from the quantity-skew
 partitioner (``partition.quantity_skew``: lognormal sigma 1.5, mean 20 examples, at least 2), 100
-devices per round, MLP 60-100-10, 1 local epoch of batch 10. The largest device holds ~20x the
-mean; with step buckets (``fedjax_health/step_buckets.py``) a round costs the sampled devices' own
-steps, not 100 copies of the largest device's. 50 rounds, ~1 min on a 2-core CPU (most of it compile).
+devices per round, MLP 60-100-10, 1 local epoch of batch 10. Train sizes run from 1 to 543
+(mean 16, 80% go to training): the largest device takes 55 steps, most take 1-3. With step buckets
+(``fedjax_health/step_buckets.py``) a round costs the sampled devices' own steps, not 100 copies of
+the largest device's. Run time of the full config: not measured yet (the shared CPU was overloaded
+when it was written); ``:smoke`` runs in ``tests/test_launch.py``.
 
   python -m launch.main --config=configs/synthetic_skewed_1000.py --workdir=workdir/skewed_1000
   python -m launch.main --config=configs/synthetic_skewed_1000.py:smoke --workdir=/tmp/skewed_smoke
@@ -29,7 +31,7 @@ def get_config(arg: str = ""):
   config.dataset.samples_per_client = 20
   config.dataset.size_sigma = 1.5
 
-  # Model and client: plain SGD, one epoch (devices take 1 to ~40 steps).
+  # Model and client: plain SGD, one epoch (devices take 1 to 55 steps).
   config.model.name = "mlp"
   config.model.hidden = (100,)
   config.client.optimizer = "sgd"
