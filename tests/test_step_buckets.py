@@ -127,16 +127,18 @@ def test_lowrank_buckets_equal_plain_path_and_mix_paths():
   _assert_same(_rounds(ds, "pow2", fast_path="lowrank", lowrank_width=3, **kw), padded)
 
 
-def test_dp_sgd_poisson_plan_buckets_equal_padded():
-  """DP-SGD's per-step noise keys do not depend on how the plan is bucketed (Poisson batches)."""
+@pytest.mark.parametrize("poisson", [True, False])
+def test_dp_sgd_buckets_equal_padded(poisson):
+  """DP-SGD's per-step noise keys do not depend on how the plan is bucketed: Poisson batches
+  (empty clients skip their steps) and epoch batches (truncated clients keep their keys)."""
   from fedjax_health.privacy import dp_sgd
   ds = _data()
   model = _model(ds)
-  grad_fn = dp_sgd.dp_sgd_grad_fn(model.example_losses, 1.0, 0.8, 2.0, step_slot=True)
+  grad_fn = dp_sgd.dp_sgd_grad_fn(model.example_losses, 1.0, 0.8, 2.0, step_slot=poisson)
   base = dict(fast_path="off", grad_fn=grad_fn, client_opt=optax.sgd(0.1))
-  sizes = ds.client_sizes
-  plan_fn = dp_sgd.poisson_batch_plan(0.4, 3, int(np.max(sizes)))
-  runs = [_rounds(ds, b, cohort=8, plan_fn=plan_fn, **base) for b in ("pow2", "none")]
+  if poisson:
+    base["plan_fn"] = dp_sgd.poisson_batch_plan(0.4, 3, int(np.max(ds.client_sizes)))
+  runs = [_rounds(ds, b, cohort=8, **base) for b in ("pow2", "none")]
   _assert_same(*runs)
   assert float(runs[0][2][-1]["aggregate_norm"]) > 0
 
