@@ -54,8 +54,29 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
   return statistics.median(times)
 
 
-def bench_engine(model, ds, plan, width, repeats, lr=0.1, unroll=1, fast_path="off", lowrank_width=None):
-  """Median round time of our engine; ``fast_path`` "off" = dense per-client path, "auto"/"lowrank"."""
+def skewed_dataset(num_clients: int, skew: str = "lognormal", sigma: float = 1.0, power: float = 1.5,
+                   mean: int = 20, dim: int = 784, num_classes: int = 10, seed: int = 0):
+  """W1-like data with heavy-tailed client sizes: ``num_clients * mean`` examples split by
+  ``partition.quantity_skew`` (lognormal ``sigma`` or power law ``power``; ``sigma=0``: equal sizes)."""
+  from fedjax_health.data import partition
+  if skew == "lognormal" and sigma == 0:
+    return w1_dataset(num_clients, mean, dim, num_classes, seed)
+  rng = np.random.default_rng(seed)
+  n = num_clients * mean
+  _, offsets = partition.quantity_skew(n, num_clients, rng, kind=skew, sigma=sigma, power=power)
+  shape = (dim,) if isinstance(dim, int) else tuple(dim)
+  x = rng.random((n,) + shape, dtype=np.float32)
+  y = rng.integers(0, num_classes, n).astype(np.int32)
+  return FederatedDataset({"x": x, "y": y}, offsets)
+
+
+def bench_engine(model, ds, plan, width, repeats, lr=0.1, unroll=1, fast_path="off", lowrank_width=None,
+                 with_compile=False):
+  """Median round time of our engine; ``fast_path`` "off" = dense per-client path, "auto"/"lowrank".
+
+  The plan's ``step_buckets`` picks bucketed ("pow2", default) or padded ("none") client training.
+  With ``with_compile`` returns (median round time, first call's time incl. compile, path).
+  """
   alg = fa.fedavg(model, num_clients=ds.num_clients, cohort_size=ds.num_clients, plan=plan,
                   client_opt=client_lib.sgd(lr), clients_per_step=width, unroll=unroll, map_unroll=unroll,
                   fast_path=fast_path, lowrank_width=lowrank_width)
@@ -68,37 +89,52 @@ def bench_engine(model, ds, plan, width, repeats, lr=0.1, unroll=1, fast_path="o
     holder["state"], m = round_fn(holder["state"], train, jax.random.key(1))
     return holder["state"].params
 
-  return median_time(step, repeats)
+  t0 = time.perf_counter()
+  jax.block_until_ready(step())
+  first = time.perf_counter() - t0
+  t = median_time(step, repeats, warmup=0)
+  return (t, first, alg.path) if with_compile else t
 
 
 def bench_python_loop(model, ds, plan, repeats, lr=0.1, unroll=1):
+  """A Python loop over clients, one jitted local_train per client on its own steps (ragged sizes ok)."""
   trainer = client_lib.ClientTrainer(client_lib.make_grad_fn(model.example_losses), optax.sgd(lr), unroll=unroll)
   local = jax.jit(lambda p, x, y, m, k: client_lib.local_train(trainer, p, x, y, m, k)[0])
   params = model.init(jax.random.key(0))
   b = plan.batch_size
-  per = int(ds.client_sizes[0])
-  xs = jnp.asarray(ds.x).reshape((ds.num_clients, plan.num_steps, b) + ds.x.shape[1:])
-  ys = jnp.asarray(ds.y).reshape(ds.num_clients, plan.num_steps, b)
-  mask = jnp.ones((plan.num_steps, b), bool)
-  assert per == plan.num_steps * b
+  epochs = plan.num_epochs or 1
+  clients = []
+  for c in range(ds.num_clients):
+    arr = ds.client(c)
+    n = len(arr["y"]) * epochs
+    if n == 0:
+      continue
+    steps = -(-n // b)
+    idx = np.resize(np.arange(len(arr["y"])), steps * b)
+    mask = np.arange(steps * b) < n
+    clients.append((jnp.asarray(arr["x"][idx].reshape((steps, b) + ds.x.shape[1:])),
+                    jnp.asarray(arr["y"][idx].reshape(steps, b)), jnp.asarray(mask.reshape(steps, b))))
   keys = jax.random.split(jax.random.key(0), ds.num_clients)
   mean_fn = jax.jit(lambda p, acc, n: jax.tree.map(lambda a, d: a + d / n, p, acc))
 
   def step():
     acc = jax.tree.map(jnp.zeros_like, params)
-    for c in range(ds.num_clients):
-      d = local(params, xs[c], ys[c], mask, keys[c])
+    for c, (xs, ys, mask) in enumerate(clients):
+      d = local(params, xs, ys, mask, keys[c])
       acc = jax.tree.map(jnp.add, acc, d)
     return mean_fn(params, acc, float(ds.num_clients))
 
   return median_time(step, repeats)
 
 
-def bench_centralised(model, ds, steps: int, repeats: int, lr=0.1, unroll=1):
+def bench_centralised(model, ds, steps: int, repeats: int, lr=0.1, unroll=1, epochs: int = 1):
+  """The limit: the same ``epochs * N`` example-gradients as ``steps`` SGD steps on one model."""
   params = model.init(jax.random.key(0))
   opt = optax.sgd(lr)
-  x = jnp.asarray(ds.x).reshape((steps, -1) + ds.x.shape[1:])
-  y = jnp.asarray(ds.y).reshape(steps, -1)
+  n = epochs * ds.num_examples // steps * steps
+  rows = np.resize(np.arange(ds.num_examples), n)
+  x = jnp.asarray(ds.x[rows]).reshape((steps, -1) + ds.x.shape[1:])
+  y = jnp.asarray(ds.y[rows]).reshape(steps, -1)
 
   @jax.jit
   def train(p):

@@ -122,12 +122,15 @@ class ClientTrainer:
 
 
 def local_train(trainer: ClientTrainer, params: Params, xs: jax.Array, ys: jax.Array, mask: jax.Array,
-                rng: jax.Array, ctx: PyTree = None) -> tuple[Params, dict]:
+                rng: jax.Array, ctx: PyTree = None, num_keys: int | None = None) -> tuple[Params, dict]:
   """Returns (update = new params - params, aux) after scanning over ``xs.shape[0]`` steps.
 
   Args:
     xs, ys, mask: ``[steps, batch, ...]`` inputs, labels and valid-example mask.
     ctx: this client's context (passed to hooks).
+    num_keys: steps of the client's full (padded) plan when ``xs`` holds only its first steps (step
+      buckets): step t's key is ``split(rng, num_keys)[t]`` either way, so truncating a client's
+      masked tail changes nothing (DP-SGD's noise included).
   aux: ``loss`` (mean over active steps), ``num_steps`` and ``num_examples`` used.
   """
   anchor = params
@@ -147,7 +150,7 @@ def local_train(trainer: ClientTrainer, params: Params, xs: jax.Array, ys: jax.A
     active = jnp.any(m)
     return (tree_where(active, p_new, p), tree_where(active, s_new, s)), (loss, active)
 
-  keys = jax.random.split(rng, xs.shape[0])
+  keys = jax.random.split(rng, num_keys or xs.shape[0])[:xs.shape[0]]
   (p, _), (losses, active) = jax.lax.scan(step, (params, opt_state), (xs, ys, mask, keys), unroll=trainer.unroll)
   aux = {
       "loss": masked_mean(losses, active),

@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.dataset.shards_per_client = 2
   config.dataset.partition_seed = 0
   config.dataset.samples_per_client = 0  # synthetic: fixed size; 0 = FedProx lognormal sizes
+  config.dataset.size_sigma = 1.0  # synthetic, partition "quantity": lognormal sigma of the sizes (mean samples_per_client)
   config.dataset.iid = False
   config.dataset.num_clusters = 0
 
@@ -59,6 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.client.num_epochs = 0  # > 0: epochs per round; 0: fixed num_steps per round
   config.client.num_steps = 100
   config.client.prox_mu = 0.0  # FedProx
+  # "pow2": each client trains only its own steps, in buckets of 1, 2, 4, ... steps (a round costs the
+  # cohort's real steps); "none": every client padded to the largest (same results, slower on skew).
+  config.client.step_buckets = "pow2"
   config.client.unroll = 1  # local-step scan unroll; True for CNNs on CPU (convs in loops are slow there)
 
   # Server (FedOpt: pseudo-gradient = -aggregate).

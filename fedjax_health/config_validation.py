@@ -56,12 +56,15 @@ def check_core(config, data=None) -> None:
   if ds.name == "synthetic":
     require(ds.alpha >= 0, "dataset.alpha", ">= 0", ds.alpha)
     require(ds.beta >= 0, "dataset.beta", ">= 0", ds.beta)
+    require(ds.get("size_sigma", 1.0) > 0, "dataset.size_sigma", "> 0", ds.get("size_sigma", 1.0))
   for key in ("data_dir", "path"):
     path = ds.get(key)
     if path:
       require(os.path.exists(path), f"dataset.{key}", "an existing path", path)
   c = config.client
   _choice(config, "client.optimizer", ("sgd", "adam"))
+  if "step_buckets" in c:
+    _choice(config, "client.step_buckets", ("pow2", "none"))
   require(c.learning_rate > 0, "client.learning_rate", "> 0", c.learning_rate)
   require(c.batch_size >= 1, "client.batch_size", ">= 1", c.batch_size)
   require(c.num_epochs >= 0, "client.num_epochs", ">= 0 (0: use client.num_steps)", c.num_epochs)

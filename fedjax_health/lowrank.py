@@ -26,8 +26,11 @@ Supported: models that are chains of dense layers (``logreg``, ``mlp``) with an 
 activation, the default masked-mean loss, local SGD built by ``client.sgd`` (any momentum), any
 ``prox_mu``; FedAvg's streaming weighted mean. Anything else (custom ``grad_fn``, projections,
 data transforms, stacked aggregators, Adam) needs per-client weights and takes the plain path.
-Local steps are unrolled in Python (at most ``MAX_STEPS``), so step t's correction uses only the
-t earlier steps and no padded buffers.
+Up to ``MAX_STEPS`` local steps are unrolled in Python, so step t's correction uses only the t
+earlier steps and no padded buffers. Longer clients (several local epochs) run ``_local_train_rolled``:
+a ``lax.scan`` over steps whose corrections read fixed ``[k, b, .]`` buffers; the coefficients of
+steps not yet taken are zero, so the result is the same, for about twice the correction FLOPs and
+a compile time that no longer grows with k.
 
 Measured on W1 (1000 clients x 20 examples, MLP 784-200-10, 2-core CPU): 117-123 ms per round,
 1.16-1.26x the centralised limit, against 359-367 ms for dense per-client training
@@ -45,7 +48,7 @@ import jax.numpy as jnp
 from fedjax_health import models as models_lib
 
 Params = Any
-MAX_STEPS = 32  # local steps are unrolled (one GEMM per step for the whole chunk); beyond, use plain
+MAX_STEPS = 2  # up to this many local steps are unrolled (compile time grows ~k^2); beyond, a rolled scan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +122,7 @@ def local_train(chain: DenseChain, params: Params, xs: jax.Array, ys: jax.Array,
 
   Args:
     xs, ys, mask: ``[steps, batch, ...]`` inputs, labels, valid-example mask (as ``client.local_train``);
-      at most ``MAX_STEPS`` steps (they are unrolled).
+      up to ``MAX_STEPS`` steps are unrolled, more run as a rolled scan.
   factors: per layer ``(H [k, b, d_in], U [k, b, d_out], db [d_out])`` with the client's delta
     ``dW = H^T U`` (contracting steps and batch) and ``db``; aux: ``loss`` (mean over active steps,
     including the proximal term as the plain path reports it), ``num_steps``, ``num_examples``,
@@ -127,7 +130,8 @@ def local_train(chain: DenseChain, params: Params, xs: jax.Array, ys: jax.Array,
   """
   k, b = mask.shape
   if k > MAX_STEPS:
-    raise ValueError(f"the low-rank path unrolls local steps: at most {MAX_STEPS}, got {k} (use fast_path='off')")
+    return _local_train_rolled(chain, params, xs, ys, mask, learning_rate=learning_rate, momentum=momentum,
+                               prox_mu=prox_mu)
   x = xs.reshape(k * b, -1)
   wb = _weights(params, chain)
   n_layers = len(wb)
@@ -199,6 +203,75 @@ def local_train(chain: DenseChain, params: Params, xs: jax.Array, ys: jax.Array,
       "num_steps": jnp.sum(act_f).astype(jnp.int32),
       "num_examples": jnp.sum(mask).astype(jnp.float32),
       "sq_norm": stacked_sq_norm(a),
+  }
+  return factors, aux
+
+
+def _local_train_rolled(chain: DenseChain, params: Params, xs, ys, mask, *, learning_rate: float,
+                        momentum: float, prox_mu: float):
+  """``local_train`` as a ``lax.scan`` over steps with fixed-size factor buffers (any number of steps)."""
+  k, b = mask.shape
+  x = xs.reshape(k * b, -1)
+  wb = _weights(params, chain)
+  n_layers = len(wb)
+  act = chain.activation or (lambda z: z)
+  z0 = (x @ wb[0][0]).reshape(k, b, -1)
+  gram_x = (x @ x.T).reshape(k, b, k, b)
+  # Buffers of every step's dL/dz (per layer) and input (layers >= 1); rows of later steps stay zero.
+  gs0 = [jnp.zeros_like(x, shape=(k, b, w.shape[1])) for w, _ in wb]
+  hs0 = [jnp.zeros_like(x, shape=(k, b, w.shape[0])) for w, _ in wb[1:]]
+
+  def stacked_sq_norm(coef, gs, hs):
+    total = 0.0
+    for l in range(n_layers):
+      u = coef[:, None, None] * gs[l]
+      gram_h = gram_x if l == 0 else jnp.einsum("tbi,sci->tbsc", hs[l - 1], hs[l - 1])
+      total = total + _gram_sq_norm(gram_h, u) + jnp.sum(jnp.square(jnp.sum(u, axis=(0, 1))))
+    return total
+
+  def step(carry, inp):
+    a, v, gs, hs = carry
+    t, y_t, m_t = inp
+
+    def loss_fn(eps):
+      h, inputs = None, []
+      for l, (w, bias) in enumerate(wb):
+        if l == 0:
+          z, gram = z0[t], gram_x[t]
+        else:
+          inputs.append(h)
+          z, gram = h @ w, jnp.einsum("bi,sci->bsc", h, hs[l - 1])
+        u = a[:, None, None] * gs[l]  # a_s = 0 for the steps s >= t not taken yet
+        z = z + bias + jnp.einsum("bsc,sco->bo", gram, u) + jnp.sum(u, axis=(0, 1)) + eps[l]
+        h = act(z) if l < n_layers - 1 else z
+      ex = models_lib.per_example_loss(h, y_t)
+      mf = m_t.astype(ex.dtype)
+      return jnp.sum(ex * mf) / jnp.maximum(jnp.sum(mf), 1.0), inputs
+
+    eps = [jnp.zeros_like(x, shape=(b, w.shape[1])) for w, _ in wb]
+    (loss, inputs), grads = jax.value_and_grad(loss_fn, has_aux=True)(eps)
+    if prox_mu > 0:
+      loss = loss + 0.5 * prox_mu * stacked_sq_norm(a, gs, hs)
+    gs = [g.at[t].set(d) for g, d in zip(gs, grads)]
+    hs = [h.at[t].set(i) for h, i in zip(hs, inputs)]
+    active = jnp.any(m_t)
+    v_new = momentum * v + (jnp.zeros_like(a).at[t].set(1.0) + prox_mu * a)
+    a_new = a - learning_rate * v_new
+    return (jnp.where(active, a_new, a), jnp.where(active, v_new, v), gs, hs), (loss, active)
+
+  a0 = jnp.zeros_like(x, shape=(k,))
+  (a, _, gs, hs), (losses, actives) = jax.lax.scan(step, (a0, a0, gs0, hs0),
+                                                   (jnp.arange(k), ys, mask))
+  factors = []
+  for l in range(n_layers):
+    u = a[:, None, None] * gs[l]
+    factors.append((x.reshape(k, b, -1) if l == 0 else hs[l - 1], u, jnp.sum(u, axis=(0, 1))))
+  act_f = actives.astype(x.dtype)
+  aux = {
+      "loss": jnp.sum(losses * act_f) / jnp.maximum(jnp.sum(act_f), 1.0),
+      "num_steps": jnp.sum(act_f).astype(jnp.int32),
+      "num_examples": jnp.sum(mask).astype(jnp.float32),
+      "sq_norm": stacked_sq_norm(a, gs, hs),
   }
   return factors, aux
 

@@ -55,6 +55,15 @@ def check_round_fits(config, data, model, stacked: bool = False) -> int:
   batch_bytes = steps * c.batch_size * example_bytes
   need = estimate_round_bytes(num_params, data_bytes, cohort, config.clients_per_step, batch_bytes, stacked)
   have = available_bytes()
+  lowrank_width = config.get("lowrank_width", 0)
+  if lowrank_width and config.get("fast_path", "auto") != "off":
+    # a low-rank chunk holds every client's factors: about its inputs and its layer outputs per step
+    lowrank_need = data_bytes + lowrank_width * 3 * batch_bytes
+    if lowrank_need > have:
+      raise ValueError(
+          f"a low-rank chunk is estimated to need {lowrank_need / 2**30:.1f} GiB but {have / 2**30:.1f} GiB is "
+          f"available (config.lowrank_width={lowrank_width}, {steps} steps of {c.batch_size}); lower "
+          f"config.lowrank_width (0 = sized to the cache / memory)")
   if need > have:
     raise ValueError(
         f"the round is estimated to need {need / 2**30:.1f} GiB but {have / 2**30:.1f} GiB is available "

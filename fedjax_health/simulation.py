@@ -72,9 +72,11 @@ def register_algorithm(name: str):
 
 def build_plan(config, client_sizes: np.ndarray) -> BatchPlanSpec:
   c = config.client
+  buckets = c.get("step_buckets", "pow2")  # clients train only their own steps (see step_buckets.py)
   if c.num_epochs > 0:
-    return BatchPlanSpec.create(client_sizes, c.batch_size, num_epochs=c.num_epochs)
-  return BatchPlanSpec.create(client_sizes, c.batch_size, num_epochs=None, num_steps=c.num_steps)
+    return BatchPlanSpec.create(client_sizes, c.batch_size, num_epochs=c.num_epochs, step_buckets=buckets)
+  return BatchPlanSpec.create(client_sizes, c.batch_size, num_epochs=None, num_steps=c.num_steps,
+                              step_buckets=buckets)
 
 
 def build_model(config, data: FederatedData) -> models.Model:

@@ -44,6 +44,27 @@ def test_local_train_equals_dense_training(name, kw, num_classes, momentum, prox
   assert float(aux["num_examples"]) == float(ref_aux["num_examples"])
 
 
+@pytest.mark.parametrize("name,kw,num_classes", [MODELS[0], MODELS[3]])
+@pytest.mark.parametrize("momentum,prox_mu", [(0.0, 0.0), (0.5, 0.3)])
+def test_rolled_local_train_equals_dense_training(name, kw, num_classes, momentum, prox_mu):
+  """Beyond ``MAX_STEPS`` unrolled steps the rolled scan (fixed factor buffers) gives the same delta."""
+  k = lowrank.MAX_STEPS + 3
+  model = models.get_model(name, num_classes, (7,), **kw)
+  params = model.init(jax.random.key(0))
+  xs, ys, mask = _client_batch(k=k, num_classes=num_classes)
+  factors, aux = jax.jit(lambda p: lowrank.local_train(lowrank.dense_chain(model), p, xs, ys, mask, learning_rate=0.3,
+                                                       momentum=momentum, prox_mu=prox_mu))(params)
+  reg = client_lib.prox_regularizer(prox_mu) if prox_mu else None
+  trainer = client_lib.ClientTrainer(client_lib.make_grad_fn(model.example_losses, reg),
+                                     optax.sgd(0.3, momentum=momentum or None))
+  delta, ref_aux = client_lib.local_train(trainer, params, xs, ys, mask, jax.random.key(0))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6),
+               lowrank.dense_delta(lowrank.dense_chain(model), factors), delta)
+  np.testing.assert_allclose(aux["loss"], ref_aux["loss"], rtol=1e-5)
+  np.testing.assert_allclose(aux["sq_norm"], client_lib.tree_sq_norm(delta), rtol=1e-5)
+  assert k > lowrank.MAX_STEPS and int(aux["num_steps"]) == int(ref_aux["num_steps"]) >= 1
+
+
 def test_weighted_sum_equals_sum_of_dense_deltas():
   model = models.get_model("mlp", 3, (7,), hidden=(5,))
   chain = lowrank.dense_chain(model)
@@ -156,8 +177,11 @@ def test_auto_picks_lowrank_only_when_factors_are_small():
   assert fa.fedavg(heart, plan=BatchPlanSpec.create(np.full(4, 100), 4, num_epochs=None, num_steps=100),
                    **args).path == "plain"
   assert fa.fedavg(w1, plan=wide, fast_path="off", **args).path == "plain"
-  many_steps = BatchPlanSpec.create(np.full(4, 40), 1, num_epochs=1)  # 40 steps > MAX_STEPS
-  assert fa.fedavg(w1, plan=many_steps, **args).path == "plain"
+  many_steps = BatchPlanSpec.create(np.full(4, 40), 1, num_epochs=1)  # 40 steps: the rolled loop
+  assert fa.fedavg(w1, plan=many_steps, **args).path == "lowrank"
+  # 25 steps of batch 10: buckets of <= 8 steps have small factors, the longer ones train dense
+  long = BatchPlanSpec.create(np.array([1, 50, 20, 250]), 10, num_epochs=1)
+  assert fa.fedavg(w1, plan=long, **args).path == "plain+lowrank"
 
 
 @pytest.mark.parametrize("fast_path", ["off", "lowrank"])

@@ -23,3 +23,15 @@ def test_cohort_that_cannot_fit_fails_before_compiling(tmp_path):
   config.clients_per_step = 20
   with pytest.raises(ValueError, match=r"estimated to need .* GiB .*lower config.clients_per_step"):
     simulation.run(config, str(tmp_path))
+
+
+def test_lowrank_chunk_that_cannot_fit_fails_before_compiling(tmp_path):
+  config = base_config()
+  config.num_rounds = 1
+  config.dataset.name = "synthetic"
+  config.dataset.num_clients = 20
+  config.dataset.samples_per_client = 20
+  config.model.name = "mlp"
+  config.lowrank_width = 10**12  # clients per low-rank chunk: no machine holds their factors
+  with pytest.raises(ValueError, match=r"low-rank chunk .*lower config.lowrank_width"):
+    simulation.run(config, str(tmp_path))

@@ -22,6 +22,7 @@ import optax
 from fedjax_health import client as client_lib
 from fedjax_health import lowrank as lowrank_lib
 from fedjax_health import metrics as metrics_lib
+from fedjax_health import step_buckets
 from fedjax_health.aggregators import base as agg_base
 from fedjax_health.algorithms import fedopt as fedopt_lib
 from fedjax_health.data.federated import BatchPlanSpec, make_batch_plan, sample_cohort
@@ -83,7 +84,9 @@ class FederatedAlgorithm:
   trainer: client_lib.ClientTrainer
   plan: BatchPlanSpec
   cohort_size: int
-  path: str = "plain"  # "plain" (per-client weights) or "lowrank" (see lowrank.py)
+  # "plain" (per-client weights), "lowrank" (lowrank.py) or "plain+lowrank" (short clients' step
+  # buckets low-rank, long ones dense: see step_buckets.py)
+  path: str = "plain"
 
 
 def default_client_ctx(cohort: jax.Array, round_idx: jax.Array, rng: jax.Array) -> dict:
@@ -122,12 +125,15 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     plan_fn: optional ``(rng, sizes[C]) -> (pos, mask)`` replacing ``make_batch_plan(rng, sizes, plan)``
       (e.g. Poisson-sampled batches for DP-SGD).
     fast_path: "auto" takes the exact low-rank path (``lowrank.py``: shared-weight GEMMs, no
-      per-client weights) when it applies and its factors are small (``lowrank.suitable``);
-      "lowrank" requires it (error naming what prevents it); "off" always trains dense copies.
-    lowrank_width: clients per chunk on the low-rank path (default ``lowrank.chunk_width``: ~8 MB
-      of factors on CPU, ~512 MB on accelerators).
+      per-client weights) when it applies, per step bucket (``plan.step_buckets``) where its factors
+      are small (``lowrank.suitable``), training longer clients dense; "lowrank" requires it for
+      every bucket (error naming what prevents it); "off" always trains dense copies.
+    lowrank_width: clients per chunk on the low-rank path (default ``lowrank.chunk_width`` of each
+      bucket's length: ~8 MB of factors on CPU, ~512 MB on accelerators).
     weighting: the server's client weights (``fedopt.aggregation_weights``): "examples_used"
       (McMahan et al.), "dataset_size" (FLamby) or "uniform"; 0 for a non-finite update.
+  The client-map stage runs each client only for its own steps, bucketed by length
+  (``step_buckets.py``; ``plan.step_buckets="none"``: padded to the longest); results are the same.
   """
   if weighting not in fedopt_lib.WEIGHTINGS:
     raise ValueError(f"weighting must be one of {fedopt_lib.WEIGHTINGS}, got {weighting!r}")
@@ -148,24 +154,40 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
   shapes = jax.eval_shape(model.init, jax.random.key(0))
   use_lowrank = _use_lowrank(fast_path, chain, model, shapes, plan, streaming=streaming, custom_grad=custom_grad,
                              projection=projection, data_transform=data_transform, client_opt=client_opt)
-  if use_lowrank:
-    per_device = cohort_size // (mesh.shape[client_lib.CLIENTS_AXIS] if mesh is not None else 1)
-    width = lowrank_width or lowrank_lib.chunk_width(chain, shapes, plan.num_steps, plan.batch_size,
-                                                     max(per_device, 1), jax.default_backend())
-    if width < 1:
-      raise ValueError(f"lowrank_width must be >= 1, got {width}")
+  per_device = max(cohort_size // (mesh.shape[client_lib.CLIENTS_AXIS] if mesh is not None else 1), 1)
+  if lowrank_width is not None and lowrank_width < 1:
+    raise ValueError(f"lowrank_width must be >= 1, got {lowrank_width}")
+
+  def lowrank_at(length: int, batch: int, num_buckets: int = 1) -> int:
+    """Chunk width of the low-rank path for clients of ``length`` steps (0: train them dense).
+
+    With several step buckets the automatic width is capped at a quarter of a bucket's average
+    share of the cohort: a bucket's last chunk is padded to the width, so a chunk far wider than the
+    bucket's clients would pay for empty lanes.
+    """
+    if not use_lowrank or (fast_path == "auto" and not lowrank_lib.suitable(chain, shapes, length, batch)):
+      return 0
+    if lowrank_width:
+      return lowrank_width
+    w = lowrank_lib.chunk_width(chain, shapes, length, batch, per_device, jax.default_backend())
+    return w if num_buckets == 1 else max(1, min(w, per_device // (4 * num_buckets)))
+
+  lens = step_buckets.bucket_lengths(plan.num_steps, plan.step_buckets)
+  paths = {"lowrank" if lowrank_at(n, plan.batch_size) else "plain" for n in lens}
 
   def init(params):
     return ServerState(params, server_opt.init(params), aggregator.init(params), jnp.zeros((), jnp.int32))
 
-  def client_fn(shared, per_client):
+  def client_fn(shared, per_client, length=None):
     params, arrays = shared
     offset, pos, mask, key, ctx, _ = per_client
+    num_keys = pos.shape[0]
+    pos, mask = pos[:length], mask[:length]  # a step bucket: the client's steps past `length` are masked
     batch = client_lib.gather_client_batches(arrays, offset, pos)
-    return client_lib.local_train(trainer, params, batch["x"], batch["y"], mask, key, ctx)
+    return client_lib.local_train(trainer, params, batch["x"], batch["y"], mask, key, ctx, num_keys=num_keys)
 
-  def contribution_fn(shared, per_client):
-    delta, aux = client_fn(shared, per_client)
+  def contribution_fn(shared, per_client, length=None):
+    delta, aux = client_fn(shared, per_client, length)
     finite = client_lib.tree_all_finite(delta)
     delta = jax.tree.map(lambda d: jnp.where(finite, d, 0.0), delta)
     aux, norm, scale, stats = weigh(aux, client_lib.tree_sq_norm(delta), finite, per_client[4], per_client[5])
@@ -178,9 +200,10 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     scale, stats = streaming_agg.client_scale(norm, w, ctx)
     return dict(aux, num_examples=jnp.where(finite, aux["num_examples"], 0.0), weight=w), norm, scale, stats
 
-  def lowrank_contribution_fn(shared, per_client):
+  def lowrank_contribution_fn(shared, per_client, length=None):
     params, arrays = shared
     offset, pos, mask, _, _, _ = per_client
+    pos, mask = pos[:length], mask[:length]
     batch = client_lib.gather_client_batches(arrays, offset, pos)
     factors, aux = lowrank_lib.local_train(chain, params, batch["x"], batch["y"], mask,
                                            learning_rate=client_opt.learning_rate,
@@ -200,17 +223,45 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
                                finite.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0.0), f), factors)
     return lowrank_lib.weighted_sum(chain, factors, scale), client_lib.masked_chunk_sum(stats, valid)
 
-  def _streaming_aggregate(shared, per_client, rng):
-    if use_lowrank:
-      fn, w, chunk_sum = lowrank_contribution_fn, width, lowrank_chunk_sum
-    else:
-      fn, w, chunk_sum = contribution_fn, clients_per_step, None
+  def make_buckets(shared, num_steps: int, batch: int, stacked: bool):
+    """The client-map stage's buckets: per static length, the low-rank or the dense client function."""
+    buckets = []
+    lengths = step_buckets.bucket_lengths(num_steps, plan.step_buckets)
+    for length in lengths:
+      w = 0 if stacked else lowrank_at(length, batch, len(lengths))
+      if w:
+        fn = lambda pc, n=length: lowrank_contribution_fn(shared, pc, n)
+        buckets.append(step_buckets.Bucket(length, fn, w, lowrank_chunk_sum))
+      else:
+        f = client_fn if stacked else contribution_fn
+        buckets.append(step_buckets.Bucket(length, lambda pc, n=length, f=f: f(shared, pc, n), clients_per_step))
+    return tuple(buckets)
+
+  def client_map(shared, per_client, stacked: bool):
+    """Returns (sum of contributions, per-client outputs), or the stacked (updates, aux) if ``stacked``."""
+    num_steps, batch = per_client[2].shape[1], per_client[2].shape[2]
+    if len(step_buckets.bucket_lengths(num_steps, plan.step_buckets)) == 1 and not use_lowrank:
+      # One bucket (padded plan, or one step): the plain cohort map, which can unroll over chunks.
+      if stacked:
+        if mesh is None:
+          return client_lib.map_clients(lambda pc: client_fn(shared, pc), per_client, clients_per_step)
+        return client_lib.map_clients_sharded(client_fn, shared, per_client, clients_per_step, mesh)
+      if mesh is None:
+        return client_lib.map_sum_clients(lambda pc: contribution_fn(shared, pc), per_client, clients_per_step,
+                                          unroll=map_unroll)
+      return client_lib.map_sum_clients_sharded(contribution_fn, shared, per_client, clients_per_step, mesh,
+                                                map_unroll)
+    lengths = step_buckets.client_lengths(per_client[2])
     if mesh is None:
-      (total, stats), (aux, norms, finite) = client_lib.map_sum_clients(
-          lambda pc: fn(shared, pc), per_client, w, unroll=map_unroll, chunk_sum=chunk_sum)
-    else:
-      (total, stats), (aux, norms, finite) = client_lib.map_sum_clients_sharded(
-          fn, shared, per_client, w, mesh, map_unroll, chunk_sum)
+      buckets = make_buckets(shared, num_steps, batch, stacked)
+      if stacked:
+        return step_buckets.bucketed_map(buckets, per_client, lengths)
+      return step_buckets.bucketed_map_sum(buckets, per_client, lengths)
+    return step_buckets.bucketed_map_sum_sharded(lambda sh: make_buckets(sh, num_steps, batch, stacked), shared,
+                                                 per_client, lengths, mesh, stacked)
+
+  def _streaming_aggregate(shared, per_client, rng):
+    (total, stats), (aux, norms, finite) = client_map(shared, per_client, stacked=False)
     agg, info = streaming_agg.finalize(total, stats, rng)
     return agg, aux, norms, dict(info, rejected=~finite, num_nonfinite=jnp.sum(~finite))
 
@@ -229,10 +280,7 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
       agg, aux, norms, info = _streaming_aggregate(shared, per_client, k_agg)
       agg_state, weights = state.agg_state, aux["weight"]
     else:
-      if mesh is None:
-        updates, aux = client_lib.map_clients(lambda pc: client_fn(shared, pc), per_client, clients_per_step)
-      else:
-        updates, aux = client_lib.map_clients_sharded(client_fn, shared, per_client, clients_per_step, mesh)
+      updates, aux = client_map(shared, per_client, stacked=True)
       weights = fedopt_lib.aggregation_weights(weighting, aux["num_examples"], sizes)
       norms = agg_base.client_norms(updates)
       agg_ctx = {"params": state.params, "round": state.round, "client_ctx": ctx, "cohort": cohort}
@@ -251,7 +299,7 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
       metrics["num_rejected"] = jnp.sum(info["rejected"])
     return ServerState(params, opt_state, agg_state, state.round + 1), metrics
 
-  return FederatedAlgorithm(init, round_fn, trainer, plan, cohort_size, "lowrank" if use_lowrank else "plain")
+  return FederatedAlgorithm(init, round_fn, trainer, plan, cohort_size, "+".join(sorted(paths, reverse=True)))
 
 
 def _use_lowrank(fast_path: str, chain, model, shapes, plan: BatchPlanSpec, **setting) -> bool:
@@ -271,15 +319,14 @@ def _use_lowrank(fast_path: str, chain, model, shapes, plan: BatchPlanSpec, **se
     blockers.append("a projection or data_transform hook is set")
   if not isinstance(setting["client_opt"], client_lib.SGD):
     blockers.append("the client optimiser is not client.sgd (config client.optimizer='sgd')")
-  if plan.num_steps > lowrank_lib.MAX_STEPS:
-    blockers.append(f"{plan.num_steps} local steps (the low-rank path unrolls at most {lowrank_lib.MAX_STEPS})")
   if fast_path == "lowrank":
     if blockers:
       raise ValueError("fast_path='lowrank' cannot be used: " + "; ".join(blockers))
     return True
   if blockers:
     return False
-  return lowrank_lib.suitable(chain, shapes, plan.num_steps, plan.batch_size)
+  # Per step bucket, the round then trains short clients low-rank and long ones dense (``lowrank_at``).
+  return lowrank_lib.suitable(chain, shapes, 1, plan.batch_size)
 
 
 def device_train_data(dataset) -> dict:

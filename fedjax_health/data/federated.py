@@ -3,6 +3,9 @@
 Nothing is padded at rest: client ``c`` owns rows ``offsets[c]:offsets[c + 1]`` of every array.
 Each round samples a cohort and builds, on device, an index tensor ``[cohort, steps, batch]``
 into the flat arrays and a mask for the padded slots of clients smaller than the largest one.
+The plan's ``step_buckets`` says how the round runs it: ``"pow2"`` (default) trains each client
+only for its own steps, bucketed by length (``fedjax_health/step_buckets.py``), ``"none"`` pads
+every client to ``steps``; both follow the same per-client step sequences.
 """
 
 from __future__ import annotations
@@ -146,13 +149,16 @@ class BatchPlanSpec:
   num_epochs: int | None  # None: fixed-steps mode
   max_client_size: int  # static bound on client size (columns of the permutation table)
   num_passes: int  # permutations drawn per client
+  step_buckets: str = "pow2"  # "pow2": clients run in buckets of their own length; "none": padded
 
   @staticmethod
   def create(client_sizes: np.ndarray, batch_size: int, num_epochs: int | None = 1,
-             num_steps: int | None = None, max_passes: int = 4) -> "BatchPlanSpec":
+             num_steps: int | None = None, max_passes: int = 4, step_buckets: str = "pow2") -> "BatchPlanSpec":
     """Validates and returns the plan shape for clients of the given sizes."""
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if step_buckets not in ("pow2", "none"):
+      raise ValueError(f"step_buckets must be one of pow2, none; got {step_buckets!r}")
     max_n = max(int(np.max(client_sizes)), 1)
     if (num_epochs is None) == (num_steps is None):
       raise ValueError("set exactly one of num_epochs and num_steps")
@@ -168,7 +174,7 @@ class BatchPlanSpec:
       nonzero = client_sizes[client_sizes > 0]
       min_n = int(np.min(nonzero)) if len(nonzero) else 1
       passes = max(1, min(max_passes, math.ceil(num_steps * batch_size / min_n)))
-    return BatchPlanSpec(batch_size, steps, num_epochs, max_n, passes)
+    return BatchPlanSpec(batch_size, steps, num_epochs, max_n, passes, step_buckets)
 
 
 def make_batch_plan(rng: jax.Array, sizes: jax.Array, spec: BatchPlanSpec) -> tuple[jax.Array, jax.Array]:

@@ -27,6 +27,11 @@ def _synthetic(cfg, seed: int) -> FederatedData:
   n = cfg.num_clients
   per_client = cfg.get("samples_per_client", 0)
   sizes = np.full(n, per_client) if per_client > 0 else None
+  if per_client > 0 and cfg.get("partition") == "quantity":  # lognormal sizes of mean samples_per_client
+    from fedjax_health.data import partition
+    _, offsets = partition.quantity_skew(n * per_client, n, np.random.default_rng(seed + cfg.get("partition_seed", 0)),
+                                         sigma=cfg.get("size_sigma", 1.0), min_size=2)
+    sizes = np.diff(offsets)
   return synthetic.load(n, alpha=cfg.get("alpha", 1.0), beta=cfg.get("beta", 1.0), seed=seed,
                         sizes=sizes, iid=cfg.get("iid", False), num_clusters=cfg.get("num_clusters", 0))
 

@@ -1,0 +1,205 @@
+"""Skew sweep: FedAvg rounds on heavy-tailed client sizes, side by side with baselines in one process.
+
+Each point is a population of ``cohort`` clients holding ``20 * cohort`` examples (784 features,
+10 classes) split by ``partition.quantity_skew`` (lognormal sigma 0 = equal sizes, 0.5, 1, 1.5, and a
+power law), a FedAvg round with every client in the cohort, MLP 784-200-10, batch 10, SGD. Timed in
+the same process, median over ``--repeats`` rounds after warm-up (compile excluded, reported apart):
+
+  centralised        the limit: the same example-gradients as plan-steps SGD steps of one model
+  python_loop        a Python loop over clients, one jitted local_train per client on its own steps
+  dense / lowrank    our round, step buckets (each client costs its own steps), dense or default path
+  dense_padded       our round with the padded plan (``step_buckets="none"``: every client runs the
+                     largest client's steps; the engine before step buckets)
+
+Workloads: ``mlp`` (1 epoch), ``mlp25`` (5 epochs of 50 examples: 25 local steps per client) and
+``cnn`` (FedJAX's EMNIST CNN, 28x28x1, 1 epoch). Achieved GFLOP/s (XLA's FLOP count of one training
+example times the example-gradients of the round) is reported against the machine's measured f32
+GEMM peak. The machine's load (``os.getloadavg``) is stored with every point: on a shared CPU
+compare ratios, not times.
+
+  python -m benchmarks.skew                   # the default sweep (~15 min idle 2-core CPU; hours under load)
+  python -m benchmarks.skew --report_only     # rebuild docs/performance.md's table and the plot
+
+Writes ``docs/perf_skew.json``, ``docs/img/perf_skew.png`` and the table between the markers in
+``docs/performance.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.compare import matmul_peak_gflops
+from benchmarks.throughput import bench_centralised, bench_engine, bench_python_loop, skewed_dataset
+from fedjax_health import models
+from fedjax_health.data.federated import BatchPlanSpec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JSON = os.path.join(ROOT, "docs", "perf_skew.json")
+PNG = os.path.join(ROOT, "docs", "img", "perf_skew.png")
+DOC = os.path.join(ROOT, "docs", "performance.md")
+BEGIN, END = "<!-- perf_skew table begin -->", "<!-- perf_skew table end -->"
+# (workload, skew, cohort, baselines): the sweep that fits ~15 minutes on a shared 2-core CPU.
+DEFAULT_POINTS = (  # most important first: the JSON is rewritten after every point
+    ("mlp", "lognormal:1", 1000, "central,loop,dense,lowrank,dense_padded"),
+    ("mlp", "lognormal:0", 1000, "central,dense,lowrank,dense_padded"),
+    ("mlp", "lognormal:1.5", 1000, "central,loop,dense,lowrank"),
+    ("mlp25", "lognormal:0", 1000, "central,dense,lowrank"),
+    ("mlp", "lognormal:0.5", 1000, "central,dense,lowrank"),
+    ("mlp", "power_law:1.5", 1000, "central,dense,lowrank"),
+    ("mlp", "lognormal:1", 10000, "central,dense"),
+    ("cnn", "lognormal:1", 100, "central,dense"),
+    ("mlp", "lognormal:1", 100, "central,loop,dense,lowrank"),
+)
+
+
+def _flops_per_example(model, example_x, example_y) -> float:
+  """XLA's FLOP count of one SGD step on one example (forward + backward + update)."""
+  params = model.init(jax.random.key(0))
+  step = jax.jit(lambda p: jax.tree.map(lambda a, g: a - 0.1 * g, p, jax.grad(
+      lambda q: jnp.mean(model.example_losses(q, example_x[None], example_y[None])))(p)))
+  cost = step.lower(params).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"])
+
+
+def measure(workload: str, skew: str, cohort: int, which: str, repeats: int, peak: float) -> dict:
+  kind, value = skew.split(":")
+  value = float(value)
+  epochs, mean = (5, 50) if workload == "mlp25" else (1, 20)
+  if workload == "cnn":
+    ds = skewed_dataset(cohort, kind, sigma=value, power=value, mean=mean, dim=(28, 28, 1))
+    model = models.get_model("cnn", 10, (28, 28, 1))
+    unroll = True  # convolutions inside loops are slow on CPU (ClientTrainer)
+  else:
+    ds = skewed_dataset(cohort, kind, sigma=value, power=value, mean=mean)
+    model = models.get_model("mlp", 10, (784,), hidden=(200,))
+    unroll = 1
+  plan = BatchPlanSpec.create(ds.client_sizes, 10, num_epochs=epochs)
+  padded = BatchPlanSpec.create(ds.client_sizes, 10, num_epochs=epochs, step_buckets="none")
+  sizes = ds.client_sizes
+  steps = -(-sizes * epochs // 10)
+  row = {"workload": workload, "skew": skew, "cohort": cohort, "examples": int(ds.num_examples),
+         "largest_client": int(sizes.max()), "padded_steps": int(plan.num_steps),
+         "real_steps": int(steps.sum()), "empty_clients": int((sizes == 0).sum()), "round_ms": {},
+         "first_call_s": {}, "load_before": os.getloadavg()[0]}
+  example_grads = int(sizes.sum()) * epochs
+  flops = _flops_per_example(model, jnp.asarray(ds.x[0]), jnp.asarray(ds.y[0])) * example_grads
+  items = which.split(",")
+  if "central" in items:
+    # the limit steps: the plan's steps of one client of mean size (2 for W1, 25 for 5 epochs of 50)
+    row["round_ms"]["centralised"] = 1e3 * bench_centralised(model, ds, max(1, -(-mean * epochs // 10)), repeats,
+                                                             unroll=unroll, epochs=epochs)
+  if "loop" in items:
+    row["round_ms"]["python_loop"] = 1e3 * bench_python_loop(model, ds, plan, max(2, repeats // 2), unroll=unroll)
+  for name, fast_path, p in (("lowrank", "auto", plan), ("dense", "off", plan), ("dense_padded", "off", padded)):
+    if name in items:
+      t, first, path = bench_engine(model, ds, p, 1, repeats, unroll=unroll, fast_path=fast_path, with_compile=True)
+      row["round_ms"][name] = 1e3 * t
+      row["first_call_s"][name] = first
+      row.setdefault("paths", {})[name] = path
+  row["load_after"] = os.getloadavg()[0]
+  row["gflops"] = {k: flops / (v * 1e-3) / 1e9 for k, v in row["round_ms"].items()}
+  row["fraction_of_gemm_peak"] = {k: g / peak for k, g in row["gflops"].items()}
+  return row
+
+
+def table(report: dict) -> str:
+  """Returns the markdown table of the sweep (ratios measured in one process)."""
+  lines = [f"Measured {report['date']} on {report['machine']}, f32 GEMM peak {report['gemm_peak_gflops']:.0f} "
+           f"GFLOP/s; median of {report['repeats']} rounds after warm-up; load average "
+           f"{report['load_min']:.1f}-{report['load_max']:.1f} on {os.cpu_count()} cores, so compare ratios.",
+           "",
+           "| workload | sizes | clients | largest | real / padded steps | centralised (ms) | engine, default path "
+           "(ms, x limit) | engine, dense path (x limit) | dense, padded plan (x limit) | Python loop (x limit) | "
+           "speed-up vs loop | GFLOP/s (% of GEMM peak) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in report["points"]:
+    ms = r["round_ms"]
+    c = ms.get("centralised")
+    best = "lowrank" if "lowrank" in ms else "dense"
+
+    def x(k):
+      return f"{ms[k] / c:.1f}x" if k in ms and c else "-"
+
+    loop = f"{ms['python_loop'] / ms[best]:.1f}x" if "python_loop" in ms else "-"
+    kind, v = r["skew"].split(":")
+    sizes = "equal" if (kind == "lognormal" and float(v) == 0) else (
+        f"lognormal σ={v}" if kind == "lognormal" else f"power law a={v}")
+    path = r.get("paths", {}).get(best, best)
+    lines.append(f"| {r['workload']} | {sizes} | {r['cohort']:,} | {r['largest_client']} | "
+                 f"{r['real_steps']:,} / {r['padded_steps'] * r['cohort']:,} | {c:,.0f} | "
+                 f"{ms[best]:,.0f} ({x(best)}, {path}) | {x('dense')} | {x('dense_padded')} | {x('python_loop')} | "
+                 f"{loop} | {r['gflops'][best]:.1f} ({100 * r['fraction_of_gemm_peak'][best]:.0f}%) |")
+  return "\n".join(lines)
+
+
+def plot(report: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  pts = [r for r in report["points"] if r["workload"] == "mlp" and r["cohort"] == 1000]
+  labels = [r["skew"].replace("lognormal:", "σ=").replace("power_law:", "power ") for r in pts]
+  fig, ax = plt.subplots(figsize=(7, 3.6))
+  names = (("lowrank", "engine, default path"), ("dense", "engine, dense path"),
+           ("dense_padded", "engine, padded plan"), ("python_loop", "Python loop"))
+  w = 0.8 / len(names)
+  for i, (k, lab) in enumerate(names):
+    vals = [r["round_ms"].get(k, np.nan) / r["round_ms"]["centralised"] for r in pts]
+    ax.bar(np.arange(len(pts)) + (i - 1.5) * w, vals, w, label=lab)
+  ax.axhline(1.0, color="k", lw=0.8)
+  ax.axhline(2.0, color="k", lw=0.8, ls="--")
+  ax.set(xticks=np.arange(len(pts)), xticklabels=labels, yscale="log", ylabel="round time / centralised limit",
+         title="1,000 clients, mean 20 examples, MLP 784-200-10 (one process per bar group)")
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3, axis="y")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def write_report(report: dict) -> None:
+  os.makedirs(os.path.dirname(PNG), exist_ok=True)
+  plot(report, PNG)
+  text = open(DOC).read() if os.path.exists(DOC) else f"{BEGIN}\n{END}\n"
+  head, rest = text.split(BEGIN)
+  _, tail = rest.split(END)
+  with open(DOC, "w") as f:
+    f.write(head + BEGIN + "\n" + table(report) + "\n" + END + tail)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--points", default="", help="workload/skew/cohort/items;... (default: DEFAULT_POINTS)")
+  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--report_only", action="store_true", help="rebuild the table and plot from the JSON")
+  args = ap.parse_args()
+  if args.report_only:
+    with open(JSON) as f:
+      write_report(json.load(f))
+    return
+  points = DEFAULT_POINTS if not args.points else tuple(
+      (w, s, int(c), i) for w, s, c, i in (p.split("/") for p in args.points.split(";")))
+  peak = matmul_peak_gflops()
+  report = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {jax.default_backend()}",
+            "date": time.strftime("%Y-%m-%d", time.gmtime()), "jax": jax.__version__, "repeats": args.repeats,
+            "gemm_peak_gflops": peak, "points": []}
+  for wl, skew, cohort, which in points:
+    row = measure(wl, skew, cohort, which, args.repeats, peak)
+    report["points"].append(row)
+    print(json.dumps(row), flush=True)
+    loads = [r[k] for r in report["points"] for k in ("load_before", "load_after")]
+    report["load_min"], report["load_max"] = min(loads), max(loads)
+    with open(JSON, "w") as f:  # after every point: a sweep cut short keeps what it measured
+      json.dump(report, f, indent=1)
+    write_report(report)
+
+
+if __name__ == "__main__":
+  main()

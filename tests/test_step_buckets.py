@@ -1,0 +1,151 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fedjax_health import client as client_lib
+from fedjax_health import models
+from fedjax_health import step_buckets as sb
+from fedjax_health.aggregators import robust
+from fedjax_health.algorithms import fedavg as fa
+from fedjax_health.data.federated import BatchPlanSpec, from_client_arrays, make_batch_plan
+
+SIZES = (5, 10, 0, 3, 1, 4, 7, 8, 2, 0, 6, 9)  # ragged, two empty clients: 0..5 steps of batch 2 (buckets 1,2,4,5)
+
+
+def test_bucket_lengths_and_client_lengths():
+  assert sb.bucket_lengths(1) == (1,)
+  assert sb.bucket_lengths(9) == (1, 2, 4, 8, 9)
+  assert sb.bucket_lengths(8) == (1, 2, 4, 8)
+  assert sb.bucket_lengths(9, "none") == (9,)
+  with pytest.raises(ValueError, match="step_buckets"):
+    sb.bucket_lengths(9, "pow3")
+  mask = np.zeros((4, 5, 2), bool)
+  mask[0, :3] = True
+  mask[1, 4, 0] = True  # a gap: the length is the last active step + 1
+  mask[3] = True
+  np.testing.assert_array_equal(sb.client_lengths(jnp.asarray(mask)), [3, 5, 0, 5])
+
+
+@pytest.mark.parametrize("width,tail", [(1, None), (3, None), (4, 1), (16, 2)])
+def test_bucketed_map_sum_equals_python_loop(width, tail):
+  """Each client runs once, in the shortest bucket that holds it, sums and cohort order kept."""
+  rng = np.random.default_rng(0)
+  lengths = jnp.asarray(rng.integers(0, 10, 13), jnp.int32)
+  xs = {"v": jnp.asarray(rng.normal(size=(13, 9)), jnp.float32), "id": jnp.arange(13)}
+
+  def make_fn(n):
+    def fn(x):  # depends on the bucket length: the client must land in the right bucket
+      return x["v"][:n].sum() * 0 + jnp.sum(x["v"][:n] ** 2), {"id": x["id"], "bucket": jnp.int32(n)}
+    return fn
+
+  buckets = tuple(sb.Bucket(n, make_fn(n), width, tail_width=tail) for n in sb.bucket_lengths(9))
+  total, small = jax.jit(lambda x, l: sb.bucketed_map_sum(buckets, x, l))(xs, lengths)
+  expect_bucket = [min(n for n in sb.bucket_lengths(9) if n >= max(int(l), 1)) for l in lengths]
+  np.testing.assert_array_equal(small["id"], np.arange(13))
+  np.testing.assert_array_equal(small["bucket"], expect_bucket)
+  ref = sum(float(np.sum(np.asarray(xs["v"][c, :n]) ** 2)) for c, n in enumerate(expect_bucket))
+  np.testing.assert_allclose(total, ref, rtol=1e-5)
+  stacked = sb.bucketed_map(buckets, xs, lengths)
+  np.testing.assert_array_equal(stacked[1]["id"], np.arange(13))
+
+
+def _data(dim=6, seed=0):
+  rng = np.random.default_rng(seed)
+  return from_client_arrays([{"x": rng.normal(size=(n, dim)).astype(np.float32),
+                              "y": rng.integers(0, 3, n).astype(np.int32)} for n in SIZES])
+
+
+def _model(ds):
+  return models.get_model("mlp", 3, (ds.x.shape[1],), hidden=(8,))
+
+
+def _rounds(ds, buckets, rounds=2, cohort=None, **kw):
+  model = _model(ds)
+  plan = BatchPlanSpec.create(ds.client_sizes, 2, num_epochs=kw.pop("epochs", 1), step_buckets=buckets)
+  kw.setdefault("client_opt", client_lib.sgd(0.1, 0.5))
+  alg = fa.fedavg(model, num_clients=ds.num_clients, cohort_size=cohort or ds.num_clients, plan=plan, **kw)
+  state = alg.init(model.init(jax.random.key(0)))
+  round_fn = jax.jit(alg.round_fn)
+  history = []
+  for r in range(rounds):
+    state, metrics = round_fn(state, fa.device_train_data(ds), jax.random.key(r))
+    history.append(metrics)
+  return alg, state, history
+
+
+def _assert_same(a, b, atol=2e-6):
+  (_, sa, ha), (_, sb_, hb) = a, b
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=atol), sa.params, sb_.params)
+  for ma, mb in zip(ha, hb):
+    assert set(ma) == set(mb)
+    for key in ma:
+      np.testing.assert_allclose(ma[key], mb[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_round_equals_per_client_python_loop():
+  """FedAvg with step buckets equals a per-client loop over each client's own steps only."""
+  ds = _data()
+  _, state, _ = _rounds(ds, "pow2", rounds=1, fast_path="off")
+  model = _model(ds)
+  params = model.init(jax.random.key(0))
+  plan = BatchPlanSpec.create(ds.client_sizes, 2, num_epochs=1)
+  _, k_plan, k_clients, _, _ = jax.random.split(jax.random.fold_in(jax.random.key(0), 0), 5)
+  pos, mask = make_batch_plan(k_plan, jnp.asarray(ds.client_sizes), plan)
+  keys = jax.random.split(k_clients, ds.num_clients)
+  trainer = client_lib.ClientTrainer(client_lib.make_grad_fn(model.example_losses), optax.sgd(0.1, momentum=0.5))
+  total, weight = jax.tree.map(jnp.zeros_like, params), 0.0
+  for c in range(ds.num_clients):
+    n = -(-SIZES[c] // 2)  # 1 epoch, batch 2: this client's own steps
+    if n == 0:
+      continue
+    xs = ds.x[ds.offsets[c] + np.asarray(pos[c, :n])]
+    ys = ds.y[ds.offsets[c] + np.asarray(pos[c, :n])]
+    delta, aux = client_lib.local_train(trainer, params, xs, ys, mask[c, :n], keys[c])
+    total = jax.tree.map(lambda t, d: t + aux["num_examples"] * d, total, delta)
+    weight += float(aux["num_examples"])
+  expected = jax.tree.map(lambda p, t: p + t / weight, params, total)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), state.params, expected)
+
+
+@pytest.mark.parametrize("kw", [dict(fast_path="off", clients_per_step=3, prox_mu=0.2),
+                                dict(fast_path="off", aggregator=robust.coordinate_median())])
+def test_buckets_equal_padded_plan(kw):
+  ds = _data()
+  _assert_same(_rounds(ds, "pow2", cohort=8, **kw), _rounds(ds, "none", cohort=8, **kw))
+
+
+def test_lowrank_buckets_equal_plain_path_and_mix_paths():
+  """Auto: short clients low-rank, long ones dense (the long buckets' factors outgrow the layer)."""
+  ds = _data(dim=40)
+  kw = dict(cohort=8)
+  auto = _rounds(ds, "pow2", fast_path="auto", **kw)
+  assert auto[0].path == "plain+lowrank"
+  padded = _rounds(ds, "none", fast_path="off", **kw)
+  _assert_same(auto, padded)
+  _assert_same(_rounds(ds, "pow2", fast_path="lowrank", lowrank_width=3, **kw), padded)
+
+
+@pytest.mark.parametrize("poisson", [True, False])
+def test_dp_sgd_buckets_equal_padded(poisson):
+  """DP-SGD's per-step noise keys do not depend on how the plan is bucketed: Poisson batches
+  (empty clients skip their steps) and epoch batches (truncated clients keep their keys)."""
+  from fedjax_health.privacy import dp_sgd
+  ds = _data()
+  model = _model(ds)
+  grad_fn = dp_sgd.dp_sgd_grad_fn(model.example_losses, 1.0, 0.8, 2.0, step_slot=poisson)
+  base = dict(fast_path="off", grad_fn=grad_fn, client_opt=optax.sgd(0.1))
+  if poisson:
+    base["plan_fn"] = dp_sgd.poisson_batch_plan(0.4, 3, int(np.max(ds.client_sizes)))
+  runs = [_rounds(ds, b, cohort=8, **base) for b in ("pow2", "none")]
+  _assert_same(*runs)
+  assert float(runs[0][2][-1]["aggregate_norm"]) > 0
+
+
+def test_sharded_buckets_equal_single_device(require_host_devices):
+  require_host_devices(4)
+  ds = _data()
+  mesh = client_lib.make_client_mesh(4)
+  for kw in (dict(fast_path="lowrank", lowrank_width=2), dict(fast_path="off", aggregator=robust.coordinate_median())):
+    _assert_same(_rounds(ds, "pow2", cohort=8, mesh=mesh, **kw), _rounds(ds, "none", cohort=8, **kw))
