@@ -77,12 +77,12 @@ def misspelt_fields(config) -> list[tuple[str, str]]:
   found = []
   for section in BASE_SECTIONS:
     node, known_node = (config, base) if not section else (config.get(section), base.get(section))
-    if section == "dataset" and hasattr(node, "items") and node.get("name") == "tfds":
-      from fedjax_health.data import tfds_data
-      known_node = tfds_data.dataset_config()
     if node is None or known_node is None or not hasattr(node, "items"):
       continue
     known = set(known_node.keys())
+    if section == "dataset" and node.get("name") == "tfds":  # tfds fields beside base leftovers
+      from fedjax_health.data import tfds_data
+      known |= set(tfds_data.dataset_config().keys())
     if section == "model" and node.get("name") in models.MODELS:
       known |= set(inspect.signature(models.MODELS[node.name]).parameters) - {"num_classes", "input_shape", "kw"}
     for key in node.keys():
