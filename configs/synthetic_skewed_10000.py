@@ -11,32 +11,16 @@ sizes run from 1 to 288 (mean 16; up to 29 steps). Run time of the full config: 
   python -m launch.main --config=configs/synthetic_skewed_10000.py:smoke --workdir=/tmp/skewed_smoke
 """
 
-from fedjax_health.config_base import base_config
+from configs import synthetic_skewed_1000
 
 
 def get_config(arg: str = ""):
-  config = base_config()
-  config.algorithm = "fedavg"
+  config = synthetic_skewed_1000.get_config(arg)  # same data generator, model and client; scale differs
   config.num_rounds = 20
   config.eval_every = 5
   config.cohort_size = 1000
-
-  # Input: 10,000 devices, lognormal sizes (quantity skew), 20 examples on average.
-  config.dataset.name = "synthetic"
-  config.dataset.num_clients = 10000
-  config.dataset.alpha = 1.0
-  config.dataset.beta = 1.0
-  config.dataset.partition = "quantity"
-  config.dataset.samples_per_client = 20
+  config.dataset.num_clients = 10000  # lognormal sizes, 20 examples on average
   config.dataset.size_sigma = 1.0
-
-  # Model and client.
-  config.model.name = "mlp"
-  config.model.hidden = (100,)
-  config.client.optimizer = "sgd"
-  config.client.learning_rate = 0.05
-  config.client.batch_size = 10
-  config.client.num_epochs = 1
   if arg == "smoke":
     config.num_rounds = 2
     config.eval_every = 1
