@@ -22,7 +22,6 @@ Raw outputs (one JSON per run) go to ``results/heterogeneity_models/``; finished
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import multiprocessing as mp
 import os
@@ -30,6 +29,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from experiments import grid  # noqa: E402
 DATASETS = {
     "heart_disease": "heart_disease_hetero.py",
     "breastmnist": "breastmnist_hetero.py",
@@ -46,45 +47,20 @@ RESULTS = os.path.join(ROOT, "docs", "model_heterogeneity_results.json")
 
 
 def load_config(dataset: str, method: str, seed: int):
-  path = os.path.join(ROOT, "configs", DATASETS[dataset])
-  spec = importlib.util.spec_from_file_location(DATASETS[dataset][:-3], path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config("")
-  config.algorithm = method
-  config.seed = seed
-  config.eval_every = config.num_rounds  # evaluate once, at the end
-  return config
+  return grid.load_config(DATASETS[dataset], method, seed)
 
 
 def run_one(task) -> dict:
-  """Runs one (dataset, method, seed); returns and writes its final metrics."""
+  """Runs one (dataset, method, seed); returns and writes its final metrics (cached across reruns)."""
   dataset, method, seed, out_dir = task
-  path = os.path.join(out_dir, dataset, method, f"seed{seed}.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  from fedjax_health import plugins, simulation
-  from fedjax_health.config_validation import validate_config
-  from fedjax_health.data import registry
-  plugins.load_plugins()
-  config = load_config(dataset, method, seed)
-  validate_config(config)
-  data = registry.load_data(config.dataset, seed=config.seed)
-  validate_config(config, data)
-  model = simulation.build_model(config, data)
-  t0 = time.time()
-  [exp] = simulation.ALGORITHMS[method](config, data, model)
-  final = simulation.run_experiment(exp, config, lambda s: None, lambda r: None)
-  row = {"dataset": dataset, "method": method, "seed": seed, "wall_s": round(time.time() - t0, 2),
-         **{k: final[k] for k in KEEP if k in final},
-         **{k: v for k, v in final.items() if k.startswith("g") and k.endswith("_mean_client_accuracy")}}
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(row, f)
-  print(f"{dataset:>14} {method:>13} seed {seed}: mean_client={row['mean_client_accuracy']:.3f} "
-        f"worst10={row['worst10_client_accuracy']:.3f} up={row['bytes_up_per_client']:.0f}B "
-        f"({row['wall_s']:.1f}s)", flush=True)
+  row, cached = grid.run_cell(DATASETS[dataset], dataset, method, seed, out_dir,
+                              lambda final: {**{k: final[k] for k in KEEP if k in final},
+                                             **{k: v for k, v in final.items()
+                                                if k.startswith("g") and k.endswith("_mean_client_accuracy")}})
+  if not cached:
+    print(f"{dataset:>14} {method:>13} seed {seed}: mean_client={row['mean_client_accuracy']:.3f} "
+          f"worst10={row['worst10_client_accuracy']:.3f} up={row['bytes_up_per_client']:.0f}B "
+          f"({row['wall_s']:.1f}s)", flush=True)
   return row
 
 
