@@ -160,6 +160,52 @@ def local_train(trainer: ClientTrainer, params: Params, xs: jax.Array, ys: jax.A
   return tree_sub(p, params), aux
 
 
+def local_train_dynamic(trainer: ClientTrainer, params: Params, get_step: Callable, length: jax.Array,
+                        num_steps: int, rng: jax.Array, ctx: PyTree = None) -> tuple[Params, dict]:
+  """``local_train`` for exactly ``length`` (a traced scalar) steps: a ``fori_loop`` with a dynamic trip count.
+
+  ``get_step(t) -> (x, y, mask)`` returns step t's ``[batch, ...]`` arrays (gathered inside the loop,
+  so a client with 2 steps reads and trains 2 steps whatever ``num_steps``, the plan's padded length).
+  Step t uses ``split(rng, num_steps)[t]`` and the same update as ``local_train``; the steps past
+  ``length`` are masked in the plan, so the result equals ``local_train`` on the padded arrays.
+  """
+  anchor = params
+  opt_state = trainer.optimizer.init(params)
+  keys = jax.random.split(rng, num_steps)
+
+  def step(t, carry):
+    p, s, losses, actives, n = carry
+    x, y, m = get_step(t)
+    k_data, k_grad = jax.random.split(keys[t])
+    if trainer.data_transform is not None:
+      x, y = trainer.data_transform(x, y, m, k_data, ctx)
+    grads, loss = trainer.grad_fn(p, anchor, x, y, m, k_grad)
+    active = jnp.any(m)
+
+    def update(ps):
+      p, s = ps
+      upd, s_new = trainer.optimizer.update(grads, s, p)
+      p_new = optax.apply_updates(p, upd)
+      if trainer.projection is not None:
+        p_new = trainer.projection(p_new, anchor, ctx)
+      return p_new, s_new
+
+    # a cond, not a select: an empty step (DP-SGD's Poisson batches) costs no pass over the weights
+    p, s = jax.lax.cond(active, update, lambda ps: ps, (p, s))
+    return p, s, losses.at[t].set(loss), actives.at[t].set(active), n + jnp.sum(m).astype(jnp.float32)
+
+  # zeros_like(length) keeps its varying-ness under shard_map (the loop carry must not change type).
+  zeros = jnp.zeros_like(length, shape=(num_steps,), dtype=jnp.float32)
+  carry = (params, opt_state, zeros, jnp.zeros_like(zeros, dtype=jnp.bool_), jnp.zeros_like(zeros, shape=()))
+  p, _, losses, active, n = jax.lax.fori_loop(0, jnp.minimum(length, num_steps), step, carry)
+  aux = {
+      "loss": masked_mean(losses, active),
+      "num_steps": jnp.sum(active).astype(jnp.int32),
+      "num_examples": n,
+  }
+  return tree_sub(p, params), aux
+
+
 def gather_client_batches(arrays: dict, offset: jax.Array, pos: jax.Array) -> dict:
   """Gathers one client's ``[steps, batch, ...]`` examples from the flat arrays with one take each."""
   idx = offset + pos

@@ -64,7 +64,7 @@ def check_core(config, data=None) -> None:
   c = config.client
   _choice(config, "client.optimizer", ("sgd", "adam"))
   if "step_buckets" in c:
-    _choice(config, "client.step_buckets", ("pow2", "none"))
+    _choice(config, "client.step_buckets", ("pow2", "pow2_static", "none"))
   require(c.learning_rate > 0, "client.learning_rate", "> 0", c.learning_rate)
   require(c.batch_size >= 1, "client.batch_size", ">= 1", c.batch_size)
   require(c.num_epochs >= 0, "client.num_epochs", ">= 0 (0: use client.num_steps)", c.num_epochs)

@@ -48,7 +48,9 @@ import jax.numpy as jnp
 from fedjax_health import models as models_lib
 
 Params = Any
-MAX_STEPS = 2  # up to this many local steps are unrolled (compile time grows ~k^2); beyond, a rolled scan
+MAX_STEPS = 4  # up to this many local steps are unrolled (compile time grows ~k^2); beyond, a rolled scan.
+# Measured (1,000 lognormal clients, sigma 1, 2-core CPU): the 3-4-step bucket unrolled ran the round
+# in 259 ms against 273 ms rolled, for ~1 s more compile.
 
 
 @dataclasses.dataclass(frozen=True)

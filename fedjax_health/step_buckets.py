@@ -40,8 +40,8 @@ def bucket_lengths(num_steps: int, mode: str = "pow2") -> tuple[int, ...]:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}")
   if mode == "none":
     return (num_steps,)
-  if mode != "pow2":
-    raise ValueError(f"step_buckets must be one of pow2, none; got {mode!r}")
+  if mode not in ("pow2", "pow2_static"):
+    raise ValueError(f"step_buckets must be one of pow2, pow2_static, none; got {mode!r}")
   lengths, p = [], 1
   while p < num_steps:
     lengths.append(p)
@@ -64,6 +64,10 @@ class Bucket:
   ``chunk_sum(contribs [w, ...], valid [w]) -> tree`` reduces a chunk of ``width`` clients (default:
   the sum of the valid clients' contributions). ``tail_width`` (default ``width``) is the chunk width
   of the bucket's leftover clients.
+
+  ``dynamic=True``: one client at a time (``width`` must be 1), called as ``fn(x, length)`` with the
+  client's own length (a traced scalar); ``fn`` runs exactly that many steps (``lax.fori_loop`` with a
+  dynamic trip count), so its clients pay no padding up to the bucket's static length.
   """
 
   length: int
@@ -71,6 +75,7 @@ class Bucket:
   width: int = 1
   chunk_sum: Callable | None = None
   tail_width: int | None = None
+  dynamic: bool = False
 
 
 def _masked_sum(contrib: PyTree, valid: jax.Array) -> PyTree:
@@ -113,10 +118,14 @@ def bucketed_map_sum(buckets: tuple[Bucket, ...], xs: PyTree, lengths: jax.Array
       return t
     return jax.tree.map(lambda a: jax.lax.pcast(a, (axis_name,), to="varying"), t)
 
+  for b in buckets:
+    if b.dynamic and (b.width != 1 or (b.tail_width or 1) != 1):
+      raise ValueError(f"a dynamic step bucket runs one client at a time; got width {b.width}")
   one = jax.tree.map(lambda a: a[:1], xs)
   acc = small_buf = None
   for b in buckets:
-    c_shape, s_shape = jax.eval_shape(jax.vmap(b.fn), one)
+    fn = (lambda x, f=b.fn: f(x, lengths[:1].reshape(()))) if b.dynamic else b.fn
+    c_shape, s_shape = jax.eval_shape(jax.vmap(fn), one)
     chunk_sum = b.chunk_sum or _masked_sum
     a_shape = jax.eval_shape(chunk_sum, c_shape, jax.ShapeDtypeStruct((1,), jnp.bool_))
     if acc is None:
@@ -140,8 +149,29 @@ def bucketed_map_sum(buckets: tuple[Bucket, ...], xs: PyTree, lengths: jax.Array
 
     return jax.lax.fori_loop(0, n_chunks, body, carry)
 
+  def run_dynamic(b: Bucket, first, count, carry):
+    chunk_sum = b.chunk_sum or _masked_sum
+    valid = jnp.ones((1,), jnp.bool_)
+
+    def body(i, carry):
+      acc, small_buf = carry
+      idx = order[first + i]
+      x = jax.tree.map(lambda a: a[idx], xs)
+      contrib, small = b.fn(x, lengths[idx])
+      if b.chunk_sum is None:  # every lane is a real client: add its contribution as it is
+        acc = jax.tree.map(jnp.add, acc, contrib)
+      else:
+        acc = jax.tree.map(jnp.add, acc, chunk_sum(jax.tree.map(lambda a: a[None], contrib), valid))
+      small_buf = jax.tree.map(lambda buf, s: buf.at[idx].set(s), small_buf, small)
+      return acc, small_buf
+
+    return jax.lax.fori_loop(0, count, body, carry)
+
   for k, b in enumerate(buckets):
     stop = starts[k] + counts[k]
+    if b.dynamic:
+      acc, small_buf = run_dynamic(b, starts[k], counts[k], (acc, small_buf))
+      continue
     tail_w = min(b.tail_width or b.width, b.width)
     if tail_w < b.width:  # full chunks of `width`, then the leftover clients in chunks of `tail_width`
       n_full = counts[k] // b.width
@@ -156,7 +186,7 @@ def bucketed_map_sum(buckets: tuple[Bucket, ...], xs: PyTree, lengths: jax.Array
 def bucketed_map(buckets: tuple[Bucket, ...], xs: PyTree, lengths: jax.Array,
                  axis_name: str | None = None) -> PyTree:
   """Returns every bucket's ``fn(x)`` (a stacked pytree in cohort order; nothing summed)."""
-  stacked = tuple(dataclasses.replace(b, fn=lambda x, f=b.fn: ((), f(x)), chunk_sum=lambda c, v: ())
+  stacked = tuple(dataclasses.replace(b, fn=lambda x, *n, f=b.fn: ((), f(x, *n)), chunk_sum=lambda c, v: ())
                   for b in buckets)
   return bucketed_map_sum(stacked, xs, lengths, axis_name)[1]
 

@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,6 +51,26 @@ def test_bucketed_map_sum_equals_python_loop(width, tail):
   np.testing.assert_allclose(total, ref, rtol=1e-5)
   stacked = sb.bucketed_map(buckets, xs, lengths)
   np.testing.assert_array_equal(stacked[1]["id"], np.arange(13))
+
+
+def test_dynamic_bucket_gets_each_clients_own_length():
+  """A dynamic bucket runs its clients one at a time with their own length, not the bucket's."""
+  rng = np.random.default_rng(1)
+  lengths = jnp.asarray(rng.integers(0, 10, 13), jnp.int32)
+  xs = {"v": jnp.asarray(rng.normal(size=(13, 9)), jnp.float32), "id": jnp.arange(13)}
+  short = sb.Bucket(2, lambda x: (jnp.sum(x["v"][:2] ** 2), {"id": x["id"], "n": jnp.int32(2)}), 3)
+  dyn = sb.Bucket(9, lambda x, n: (jnp.sum(jnp.where(jnp.arange(9) < n, x["v"], 0.0) ** 2), {"id": x["id"], "n": n}),
+                  dynamic=True)
+  total, small = jax.jit(lambda x, l: sb.bucketed_map_sum((short, dyn), x, l))(xs, lengths)
+  lens = np.asarray(lengths)
+  expect_n = np.where(lens <= 2, 2, lens)
+  np.testing.assert_array_equal(small["id"], np.arange(13))
+  np.testing.assert_array_equal(small["n"], expect_n)
+  v = np.asarray(xs["v"])
+  np.testing.assert_allclose(total, sum(float(np.sum(v[c, :n] ** 2)) for c, n in enumerate(expect_n)), rtol=1e-5)
+  np.testing.assert_array_equal(sb.bucketed_map((short, dyn), xs, lengths)[1]["n"], expect_n)
+  with pytest.raises(ValueError, match="one client at a time"):
+    sb.bucketed_map_sum((dataclasses.replace(dyn, width=2),), xs, lengths)
 
 
 def _data(dim=6, seed=0):
@@ -114,6 +136,14 @@ def test_round_equals_per_client_python_loop():
 def test_buckets_equal_padded_plan(kw):
   ds = _data()
   _assert_same(_rounds(ds, "pow2", cohort=8, **kw), _rounds(ds, "none", cohort=8, **kw))
+
+
+def test_dynamic_and_static_dense_buckets_equal_padded_plan():
+  """Dense clients one at a time: exact trip counts ("pow2") and power-of-two buckets ("pow2_static")."""
+  ds = _data()
+  padded = _rounds(ds, "none", cohort=8, fast_path="off")
+  _assert_same(_rounds(ds, "pow2", cohort=8, fast_path="off"), padded)
+  _assert_same(_rounds(ds, "pow2_static", cohort=8, fast_path="off"), padded)
 
 
 def test_lowrank_buckets_equal_plain_path_and_mix_paths():

@@ -149,7 +149,8 @@ class BatchPlanSpec:
   num_epochs: int | None  # None: fixed-steps mode
   max_client_size: int  # static bound on client size (columns of the permutation table)
   num_passes: int  # permutations drawn per client
-  step_buckets: str = "pow2"  # "pow2": clients run in buckets of their own length; "none": padded
+  step_buckets: str = "pow2"  # "pow2": clients run their own steps (buckets); "pow2_static": no dynamic
+  # trip counts (dense clients padded to their power-of-two bucket); "none": padded to the longest
 
   @staticmethod
   def create(client_sizes: np.ndarray, batch_size: int, num_epochs: int | None = 1,
@@ -157,8 +158,8 @@ class BatchPlanSpec:
     """Validates and returns the plan shape for clients of the given sizes."""
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if step_buckets not in ("pow2", "none"):
-      raise ValueError(f"step_buckets must be one of pow2, none; got {step_buckets!r}")
+    if step_buckets not in ("pow2", "pow2_static", "none"):
+      raise ValueError(f"step_buckets must be one of pow2, pow2_static, none; got {step_buckets!r}")
     max_n = max(int(np.max(client_sizes)), 1)
     if (num_epochs is None) == (num_steps is None):
       raise ValueError("set exactly one of num_epochs and num_steps")
@@ -177,6 +178,57 @@ class BatchPlanSpec:
     return BatchPlanSpec(batch_size, steps, num_epochs, max_n, passes, step_buckets)
 
 
+_UNIFORM_BITS = 23  # jax.random.uniform's float32 values in [0, 1) are multiples of 2**-23
+_MAX_PACKED_INDEX_BITS = 16  # rows up to 65,536 slots take the packed sort; longer ones argsort
+
+
+def _packed_argsort(u: jax.Array, valid: jax.Array, idx_bits: int) -> jax.Array:
+  """``argsort(where(valid, u, 2.0), stable=True)`` along the last axis, by one sort of uint32 keys.
+
+  XLA's CPU sort calls a comparator per comparison for a multi-operand (arg)sort; a single-operand
+  integer sort is 6x faster (measured: 1,000 clients x 269 slots, 40 ms -> 6.5 ms, a sixth of a
+  skewed 1,000-client round's local training; x 1,387 slots, 278 -> 43 ms). Each key packs ``u``'s 23
+  bits (``k``) above the slot index, so keys are distinct and ties in ``u`` break by index as in the
+  stable argsort; invalid slots get the largest ``k`` and larger indices than every valid slot, so
+  they sort last. When ``23 + idx_bits > 32`` the key keeps only ``k``'s top bits; slots whose top
+  bits collide are then put in ``(k, index)`` order by odd-even transposition passes over the nearly
+  sorted rows until no adjacent pair is out of order (a few passes: collisions are rare), so the
+  result is still exactly the stable argsort's.
+  """
+  top = (1 << _UNIFORM_BITS) - 1
+  k = jnp.floor(u * (1 << _UNIFORM_BITS)).astype(jnp.uint32)
+  k = jnp.where(valid, jnp.minimum(k, top), top)
+  n = u.shape[-1]
+  idx = jnp.arange(n, dtype=jnp.uint32)
+  shift = max(0, _UNIFORM_BITS + idx_bits - 32)
+  keys = ((k >> shift) << idx_bits) | idx
+  order = jnp.sort(keys, axis=-1) & ((1 << idx_bits) - 1)
+  if shift == 0 or n < 2:
+    return order.astype(jnp.int32)
+  kk = jnp.take_along_axis(k, order.astype(jnp.int32), axis=-1)
+
+  def out_of_order(kk, ii):  # [..., n-1]: pair (i, i+1) in the wrong (k, index) order
+    a, b, ia, ib = kk[..., :-1], kk[..., 1:], ii[..., :-1], ii[..., 1:]
+    return (a > b) | ((a == b) & (ia > ib))
+
+  def phase(kk, ii, parity):
+    left = out_of_order(kk, ii) & (jnp.arange(n - 1) % 2 == parity)  # swap (i, i+1) at these i
+    pad = jnp.zeros(left.shape[:-1] + (1,), bool)
+    from_right = jnp.concatenate([left, pad], axis=-1)  # position i takes i+1
+    from_left = jnp.concatenate([pad, left], axis=-1)  # position i+1 takes i
+    def move(a):
+      nxt = jnp.concatenate([a[..., 1:], a[..., -1:]], axis=-1)
+      prv = jnp.concatenate([a[..., :1], a[..., :-1]], axis=-1)
+      return jnp.where(from_right, nxt, jnp.where(from_left, prv, a))
+    return move(kk), move(ii)
+
+  def body(c):
+    return phase(*phase(*c, 0), 1)
+
+  _, order = jax.lax.while_loop(lambda c: jnp.any(out_of_order(*c)), body, (kk, order))
+  return order.astype(jnp.int32)
+
+
 def make_batch_plan(rng: jax.Array, sizes: jax.Array, spec: BatchPlanSpec) -> tuple[jax.Array, jax.Array]:
   """Returns (positions ``[C, steps, batch]`` int32 into each client's rows, mask ``[C, steps, batch]``).
 
@@ -187,9 +239,14 @@ def make_batch_plan(rng: jax.Array, sizes: jax.Array, spec: BatchPlanSpec) -> tu
   n = sizes.astype(jnp.int32)
   keys = jax.random.split(rng, cohort)
 
+  idx_bits = max(1, (spec.max_client_size - 1).bit_length())
+
   def perms_one(key, n_c):
     u = jax.random.uniform(key, (spec.num_passes, spec.max_client_size))
-    u = jnp.where(jnp.arange(spec.max_client_size)[None, :] < n_c, u, 2.0)  # invalid slots sort last
+    valid = jnp.arange(spec.max_client_size)[None, :] < n_c
+    if idx_bits <= _MAX_PACKED_INDEX_BITS:
+      return _packed_argsort(u, valid, idx_bits)
+    u = jnp.where(valid, u, 2.0)  # invalid slots sort last
     return jnp.argsort(u, axis=-1).astype(jnp.int32)
 
   perms = jax.vmap(perms_one)(keys, n)  # [C, P, max_n]

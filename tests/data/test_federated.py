@@ -81,3 +81,34 @@ def test_sample_cohort_distinct_and_weighted():
 def test_plan_spec_validation(kw, msg):
   with pytest.raises(ValueError, match=msg):
     BatchPlanSpec.create(np.array([3, 4]), **kw)
+
+
+def test_packed_argsort_is_the_stable_argsort():
+  """The plan's fast permutation (one uint32 sort) equals the stable argsort it replaces, ties,
+  invalid slots and several passes included: per-client step sequences are unchanged."""
+  from fedjax_health.data import federated as fed
+  keys = jax.random.split(jax.random.key(3), 400)
+  u = jax.vmap(lambda k: jax.random.uniform(k, (2, 300)))(keys)
+  u = u.at[:, 0, 5].set(u[:, 0, 7])  # a tie: broken by index, as the stable argsort does
+  n = jnp.asarray(np.random.default_rng(0).integers(0, 301, 400))
+  valid = jnp.arange(300)[None, None, :] < n[:, None, None]
+  got = fed._packed_argsort(u, valid, 9)
+  ref = jnp.argsort(jnp.where(valid, u, 2.0), axis=-1, stable=True)
+  np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("n,idx_bits", [(1500, 11), (3000, 16)])
+def test_packed_argsort_with_truncated_keys_is_the_stable_argsort(n, idx_bits):
+  """Long rows keep only u's top bits in the key; the transposition passes restore (u, index) order,
+  runs of three equal top bits and exact ties included."""
+  from fedjax_health.data import federated as fed
+  rng = np.random.default_rng(1)
+  u = np.floor(rng.random((6, 2, n)) * 2 ** 23) / 2 ** 23
+  step = 2.0 ** -(23 - (23 + idx_bits - 32))  # same top bits, different low bits
+  u[:, :, 10:13] = u[:, :, 10:11] + np.array([2, 1, 0]) * 2 ** -23  # a reversed run of three
+  u[:, 0, 20] = u[:, 0, 21]  # an exact tie
+  u[:, 1, 30] = np.floor(u[:, 1, 30] / step) * step
+  u = jnp.asarray(u.astype(np.float32))
+  valid = jnp.arange(n)[None, None, :] < jnp.asarray(rng.integers(0, n + 1, 6))[:, None, None]
+  got = fed._packed_argsort(u, valid, idx_bits)
+  np.testing.assert_array_equal(got, jnp.argsort(jnp.where(valid, u, 2.0), axis=-1, stable=True))
