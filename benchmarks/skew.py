@@ -27,9 +27,11 @@ Writes ``docs/perf_skew.json``, ``docs/img/perf_skew.png`` and the table between
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
+import statistics
 import time
 
 import jax
@@ -37,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.compare import matmul_peak_gflops
-from benchmarks.throughput import bench_centralised, bench_engine, bench_python_loop, skewed_dataset
+from benchmarks.throughput import make_centralised, make_engine_round, make_python_loop, skewed_dataset
 from fedjax_health import models
 from fedjax_health.data.federated import BatchPlanSpec
 
@@ -48,15 +50,15 @@ DOC = os.path.join(ROOT, "docs", "performance.md")
 BEGIN, END = "<!-- perf_skew table begin -->", "<!-- perf_skew table end -->"
 # (workload, skew, cohort, baselines): the sweep that fits ~15 minutes on a shared 2-core CPU.
 DEFAULT_POINTS = (  # most important first: the JSON is rewritten after every point
-    ("mlp", "lognormal:1", 1000, "central,loop,dense,lowrank,dense_padded"),
-    ("mlp", "lognormal:0", 1000, "central,dense,lowrank,dense_padded"),
-    ("mlp", "lognormal:1.5", 1000, "central,loop,dense,lowrank"),
-    ("mlp25", "lognormal:0", 1000, "central,dense,lowrank"),
-    ("mlp", "lognormal:0.5", 1000, "central,dense,lowrank"),
-    ("mlp", "power_law:1.5", 1000, "central,dense,lowrank"),
-    ("mlp", "lognormal:1", 10000, "central,dense"),
-    ("cnn", "lognormal:1", 100, "central,dense"),
-    ("mlp", "lognormal:1", 100, "central,loop,dense,lowrank"),
+    ("mlp", "lognormal:1", 1000, "central,loop,lowrank,dense,dense_static,dense_padded"),
+    ("mlp", "lognormal:0", 1000, "central,loop,lowrank,dense,dense_padded"),
+    ("mlp", "lognormal:1.5", 1000, "central,loop,lowrank,dense,dense_static"),
+    ("mlp", "power_law:1.5", 1000, "central,loop,lowrank,dense,dense_static"),
+    ("mlp", "lognormal:0.5", 1000, "central,lowrank,dense"),
+    ("mlp25", "lognormal:0", 1000, "central,lowrank,dense"),
+    ("mlp", "lognormal:1", 10000, "central,lowrank,dense"),
+    ("mlp", "lognormal:1", 100, "central,loop,lowrank,dense"),
+    ("cnn", "lognormal:1", 100, "central,dense,dense_padded"),
 )
 
 
@@ -68,6 +70,26 @@ def _flops_per_example(model, example_x, example_y) -> float:
   cost = step.lower(params).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"])
+
+
+def _interleaved_medians(fns: dict, repeats: int) -> dict:
+  """Median seconds per function, timed round-robin (each repeat runs every function once), so a
+  load change on a shared CPU hits every baseline alike (their ratios stay comparable)."""
+  times = {k: [] for k in fns}
+  for _ in range(repeats):
+    for k, fn in fns.items():
+      t = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[k].append(time.perf_counter() - t)
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
+ENGINES = {  # name: (fast_path, step_buckets)
+    "lowrank": ("auto", "pow2"),  # the default path: low-rank short buckets, dense long clients (dynamic)
+    "dense": ("off", "pow2"),  # every client dense, one at a time, exactly its own steps
+    "dense_static": ("off", "pow2_static"),  # dense, padded to its power-of-two bucket
+    "dense_padded": ("off", "none"),  # dense, padded to the largest client (the engine before buckets)
+}
 
 
 def measure(workload: str, skew: str, cohort: int, which: str, repeats: int, peak: float) -> dict:
@@ -83,7 +105,6 @@ def measure(workload: str, skew: str, cohort: int, which: str, repeats: int, pea
     model = models.get_model("mlp", 10, (784,), hidden=(200,))
     unroll = 1
   plan = BatchPlanSpec.create(ds.client_sizes, 10, num_epochs=epochs)
-  padded = BatchPlanSpec.create(ds.client_sizes, 10, num_epochs=epochs, step_buckets="none")
   sizes = ds.client_sizes
   steps = -(-sizes * epochs // 10)
   row = {"workload": workload, "skew": skew, "cohort": cohort, "examples": int(ds.num_examples),
@@ -93,18 +114,22 @@ def measure(workload: str, skew: str, cohort: int, which: str, repeats: int, pea
   example_grads = int(sizes.sum()) * epochs
   flops = _flops_per_example(model, jnp.asarray(ds.x[0]), jnp.asarray(ds.y[0])) * example_grads
   items = which.split(",")
+  fns = {}
   if "central" in items:
     # the limit steps: the plan's steps of one client of mean size (2 for W1, 25 for 5 epochs of 50)
-    row["round_ms"]["centralised"] = 1e3 * bench_centralised(model, ds, max(1, -(-mean * epochs // 10)), repeats,
-                                                             unroll=unroll, epochs=epochs)
+    fns["centralised"] = make_centralised(model, ds, max(1, -(-mean * epochs // 10)), unroll=unroll, epochs=epochs)
+    jax.block_until_ready(fns["centralised"]())
   if "loop" in items:
-    row["round_ms"]["python_loop"] = 1e3 * bench_python_loop(model, ds, plan, max(2, repeats // 2), unroll=unroll)
-  for name, fast_path, p in (("lowrank", "auto", plan), ("dense", "off", plan), ("dense_padded", "off", padded)):
+    fns["python_loop"] = make_python_loop(model, ds, plan, unroll=unroll)
+    jax.block_until_ready(fns["python_loop"]())
+  for name, (fast_path, buckets) in ENGINES.items():
     if name in items:
-      t, first, path = bench_engine(model, ds, p, 1, repeats, unroll=unroll, fast_path=fast_path, with_compile=True)
-      row["round_ms"][name] = 1e3 * t
-      row["first_call_s"][name] = first
+      p = dataclasses.replace(plan, step_buckets=buckets)
+      fns[name], row["first_call_s"][name], path = make_engine_round(model, ds, p, 1, unroll=unroll,
+                                                                     fast_path=fast_path)
       row.setdefault("paths", {})[name] = path
+  medians = _interleaved_medians(fns, repeats)
+  row["round_ms"] = {k: 1e3 * v for k, v in medians.items()}
   row["load_after"] = os.getloadavg()[0]
   row["gflops"] = {k: flops / (v * 1e-3) / 1e9 for k, v in row["round_ms"].items()}
   row["fraction_of_gemm_peak"] = {k: g / peak for k, g in row["gflops"].items()}
@@ -118,9 +143,9 @@ def table(report: dict) -> str:
            f"{report['load_min']:.1f}-{report['load_max']:.1f} on {os.cpu_count()} cores, so compare ratios.",
            "",
            "| workload | sizes | clients | largest | real / padded steps | centralised (ms) | engine, default path "
-           "(ms, x limit) | engine, dense path (x limit) | dense, padded plan (x limit) | Python loop (x limit) | "
-           "speed-up vs loop | GFLOP/s (% of GEMM peak) |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "(ms, x limit) | dense, own steps (x limit) | dense, pow2 buckets (x limit) | dense, padded plan "
+           "(x limit) | Python loop (x limit) | speed-up vs loop | GFLOP/s (% of GEMM peak) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in report["points"]:
     ms = r["round_ms"]
     c = ms.get("centralised")
@@ -136,7 +161,8 @@ def table(report: dict) -> str:
     path = r.get("paths", {}).get(best, best)
     lines.append(f"| {r['workload']} | {sizes} | {r['cohort']:,} | {r['largest_client']} | "
                  f"{r['real_steps']:,} / {r['padded_steps'] * r['cohort']:,} | {c:,.0f} | "
-                 f"{ms[best]:,.0f} ({x(best)}, {path}) | {x('dense')} | {x('dense_padded')} | {x('python_loop')} | "
+                 f"{ms[best]:,.0f} ({x(best)}, {path}) | {x('dense')} | {x('dense_static')} | {x('dense_padded')} | "
+                 f"{x('python_loop')} | "
                  f"{loop} | {r['gflops'][best]:.1f} ({100 * r['fraction_of_gemm_peak'][best]:.0f}%) |")
   return "\n".join(lines)
 
@@ -148,12 +174,13 @@ def plot(report: dict, path: str) -> None:
   pts = [r for r in report["points"] if r["workload"] == "mlp" and r["cohort"] == 1000]
   labels = [r["skew"].replace("lognormal:", "σ=").replace("power_law:", "power ") for r in pts]
   fig, ax = plt.subplots(figsize=(7, 3.6))
-  names = (("lowrank", "engine, default path"), ("dense", "engine, dense path"),
-           ("dense_padded", "engine, padded plan"), ("python_loop", "Python loop"))
+  names = (("lowrank", "engine, default path"), ("dense", "engine, dense, own steps"),
+           ("dense_static", "engine, dense, pow2 buckets"), ("dense_padded", "engine, padded plan"),
+           ("python_loop", "Python loop"))
   w = 0.8 / len(names)
   for i, (k, lab) in enumerate(names):
     vals = [r["round_ms"].get(k, np.nan) / r["round_ms"]["centralised"] for r in pts]
-    ax.bar(np.arange(len(pts)) + (i - 1.5) * w, vals, w, label=lab)
+    ax.bar(np.arange(len(pts)) + (i - (len(names) - 1) / 2) * w, vals, w, label=lab)
   ax.axhline(1.0, color="k", lw=0.8)
   ax.axhline(2.0, color="k", lw=0.8, ls="--")
   ax.set(xticks=np.arange(len(pts)), xticklabels=labels, yscale="log", ylabel="round time / centralised limit",

@@ -77,6 +77,13 @@ def bench_engine(model, ds, plan, width, repeats, lr=0.1, unroll=1, fast_path="o
   The plan's ``step_buckets`` picks bucketed ("pow2", default) or padded ("none") client training.
   With ``with_compile`` returns (median round time, first call's time incl. compile, path).
   """
+  step, first, path = make_engine_round(model, ds, plan, width, lr, unroll, fast_path, lowrank_width)
+  t = median_time(step, repeats, warmup=0)
+  return (t, first, path) if with_compile else t
+
+
+def make_engine_round(model, ds, plan, width=1, lr=0.1, unroll=1, fast_path="off", lowrank_width=None):
+  """Returns (one round as a zero-argument function, first call's time incl. compile, path)."""
   alg = fa.fedavg(model, num_clients=ds.num_clients, cohort_size=ds.num_clients, plan=plan,
                   client_opt=client_lib.sgd(lr), clients_per_step=width, unroll=unroll, map_unroll=unroll,
                   fast_path=fast_path, lowrank_width=lowrank_width)
@@ -91,13 +98,16 @@ def bench_engine(model, ds, plan, width, repeats, lr=0.1, unroll=1, fast_path="o
 
   t0 = time.perf_counter()
   jax.block_until_ready(step())
-  first = time.perf_counter() - t0
-  t = median_time(step, repeats, warmup=0)
-  return (t, first, alg.path) if with_compile else t
+  return step, time.perf_counter() - t0, alg.path
 
 
 def bench_python_loop(model, ds, plan, repeats, lr=0.1, unroll=1):
   """A Python loop over clients, one jitted local_train per client on its own steps (ragged sizes ok)."""
+  return median_time(make_python_loop(model, ds, plan, lr, unroll), repeats)
+
+
+def make_python_loop(model, ds, plan, lr=0.1, unroll=1):
+  """Returns one round of the Python loop over clients as a zero-argument function."""
   trainer = client_lib.ClientTrainer(client_lib.make_grad_fn(model.example_losses), optax.sgd(lr), unroll=unroll)
   local = jax.jit(lambda p, x, y, m, k: client_lib.local_train(trainer, p, x, y, m, k)[0])
   params = model.init(jax.random.key(0))
@@ -124,11 +134,16 @@ def bench_python_loop(model, ds, plan, repeats, lr=0.1, unroll=1):
       acc = jax.tree.map(jnp.add, acc, d)
     return mean_fn(params, acc, float(ds.num_clients))
 
-  return median_time(step, repeats)
+  return step
 
 
 def bench_centralised(model, ds, steps: int, repeats: int, lr=0.1, unroll=1, epochs: int = 1):
   """The limit: the same ``epochs * N`` example-gradients as ``steps`` SGD steps on one model."""
+  return median_time(make_centralised(model, ds, steps, lr, unroll, epochs), repeats)
+
+
+def make_centralised(model, ds, steps: int, lr=0.1, unroll=1, epochs: int = 1):
+  """Returns the centralised limit's training as a zero-argument function (see ``bench_centralised``)."""
   params = model.init(jax.random.key(0))
   opt = optax.sgd(lr)
   n = epochs * ds.num_examples // steps * steps
@@ -146,7 +161,7 @@ def bench_centralised(model, ds, steps: int, repeats: int, lr=0.1, unroll=1, epo
     (p, _), _ = jax.lax.scan(body, (p, opt.init(p)), (x, y), unroll=unroll)
     return p
 
-  return median_time(lambda: train(params), repeats)
+  return lambda: train(params)
 
 
 def main():

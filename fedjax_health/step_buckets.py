@@ -191,6 +191,23 @@ def bucketed_map(buckets: tuple[Bucket, ...], xs: PyTree, lengths: jax.Array,
   return bucketed_map_sum(stacked, xs, lengths, axis_name)[1]
 
 
+def map_clients_by_length(fn: Callable, xs: PyTree, mask: jax.Array, mode: str = "pow2", width: int = 1) -> PyTree:
+  """Returns ``fn(x, length)`` stacked over clients in cohort order, each client in its step bucket.
+
+  ``fn`` must slice the client's step axis to the static ``length`` (its steps past it are masked),
+  so a client with 2 steps runs a 2-step (or at most its power-of-two bucket's) body, whatever the
+  longest client of the round holds. ``mask`` is the plan's ``[C, steps, batch]`` mask; ``width``
+  clients per chunk (``client.map_clients``). With one bucket (``mode="none"`` or one step) this is
+  ``client.map_clients`` over ``fn(x, steps)``.
+  """
+  from fedjax_health.client import map_clients
+  num_steps = mask.shape[1]
+  lens = bucket_lengths(num_steps, mode)
+  if len(lens) == 1:
+    return map_clients(lambda x: fn(x, num_steps), xs, width)
+  return bucketed_map(tuple(Bucket(n, lambda x, n=n: fn(x, n), width) for n in lens), xs, client_lengths(mask))
+
+
 def bucketed_map_sum_sharded(make_buckets: Callable, shared: PyTree, xs: PyTree, lengths: jax.Array, mesh,
                              stacked: bool = False):
   """``bucketed_map_sum`` (or ``bucketed_map`` when ``stacked``) with the cohort split over ``mesh``.

@@ -41,6 +41,7 @@ import optax
 
 from fedjax_health import client as client_lib
 from fedjax_health import metrics as metrics_lib
+from fedjax_health import step_buckets
 from fedjax_health.aggregators import base as agg_base
 from fedjax_health.aggregators import clustered as agg_clustered
 from fedjax_health.algorithms import fedavg as fedavg_lib
@@ -131,8 +132,10 @@ def clustered_round(model, *, num_clients: int, cohort_size: int, plan, num_clus
     stored = state_lib.gather(state.clients, cohort)["cluster"]
     centers = state.params
 
-    def one(pc):
+    def one(pc, length):
       offset, pos_c, mask_c, key, ctx_c, k = pc
+      num_keys = pos_c.shape[0]
+      pos_c, mask_c = pos_c[:length], mask_c[:length]  # its step bucket: the steps past are masked
       batch = client_lib.gather_client_batches(train["arrays"], offset, pos_c)
       has_data = jnp.any(mask_c)
       choose = lambda: ifca_choose(model.example_losses, centers, batch["x"].reshape((-1,) + batch["x"].shape[2:]),
@@ -144,13 +147,15 @@ def clustered_round(model, *, num_clients: int, cohort_size: int, plan, num_clus
       k = jnp.maximum(k, 0)  # an unassigned client without data trains (zero steps) cluster 0's model
       start = _take(centers, k)
       fit = client_lib.masked_mean(model.example_losses(start, batch["x"][0], batch["y"][0]), mask_c[0])
-      delta, aux = client_lib.local_train(trainer, start, batch["x"], batch["y"], mask_c, key, ctx_c)
+      delta, aux = client_lib.local_train(trainer, start, batch["x"], batch["y"], mask_c, key, ctx_c,
+                                          num_keys=num_keys)
       aux["cluster"] = k
       aux["fit_loss"] = jnp.where(has_data, fit, -jnp.inf)
       return delta, aux
 
     per_client = (train["offsets"][cohort], pos, mask, jax.random.split(k_clients, cohort_size), ctx, stored)
-    updates, aux = client_lib.map_clients(one, per_client, clients_per_step)
+    updates, aux = step_buckets.map_clients_by_length(one, per_client, mask, getattr(plan, "step_buckets", "pow2"),
+                                                      clients_per_step)
     weights = aux["num_examples"]
     trained = aux["cluster"]
     agg_ctx = {"params": centers, "round": state.round, "client_ctx": {**ctx, "cluster": trained}, "cohort": cohort}

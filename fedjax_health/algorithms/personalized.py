@@ -38,6 +38,7 @@ from flax import traverse_util
 
 from fedjax_health import client as client_lib
 from fedjax_health import metrics as metrics_lib
+from fedjax_health import step_buckets
 from fedjax_health.aggregators import base as agg_base
 from fedjax_health.algorithms import fedavg as fedavg_lib
 from fedjax_health.algorithms import state as state_lib
@@ -129,12 +130,14 @@ def personalized_round(*, num_clients: int, cohort_size: int, plan, client_updat
     personal = state_lib.gather(state.clients, cohort)
     per_client = (train["offsets"][cohort], pos, mask, jax.random.split(k_clients, cohort_size), ctx, personal)
 
-    def one(pc):
+    def one(pc, length):
       offset, pos_c, mask_c, key, ctx_c, pers = pc
+      pos_c, mask_c = pos_c[:length], mask_c[:length]  # its step bucket: the steps past are masked
       batch = client_lib.gather_client_batches(train["arrays"], offset, pos_c)
       return client_update(state.params, pers, batch, mask_c, key, ctx_c)
 
-    updates, new_personal, aux = client_lib.map_clients(one, per_client, clients_per_step)
+    buckets = getattr(plan, "step_buckets", "pow2")
+    updates, new_personal, aux = step_buckets.map_clients_by_length(one, per_client, mask, buckets, clients_per_step)
     weights = aux["num_examples"]
     agg_ctx = {"params": state.params, "round": state.round, "client_ctx": ctx, "cohort": cohort}
     agg, agg_state, info = aggregator.apply(updates, weights, state.agg_state, k_agg, agg_ctx)

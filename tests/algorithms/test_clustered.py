@@ -39,8 +39,9 @@ def _config(algorithm, k, rounds=2, lr=0.1, steps=5, batch=8):
   return config
 
 
-def _synthetic(num_clients=8, k=2, seed=0, size=60):
-  return synthetic.load(num_clients, alpha=1.0, beta=1.0, seed=seed, sizes=np.full(num_clients, size), num_clusters=k)
+def _synthetic(num_clients=8, k=2, seed=0, size=60, sizes=None):
+  sizes = np.full(num_clients, size) if sizes is None else np.asarray(sizes)
+  return synthetic.load(num_clients, alpha=1.0, beta=1.0, seed=seed, sizes=sizes, num_clusters=k)
 
 
 def _run(exp, rounds, rng=jax.random.key(9)):
@@ -71,8 +72,11 @@ def test_one_cluster_is_fedavg(algorithm):
 
 
 def test_ifca_round_matches_per_client_reference():
-  data = _synthetic(num_clients=6, k=3)
+  """Ragged clients (1 to 8 steps of one epoch) run in step buckets; the reference loops over
+  clients on the padded plan."""
+  data = _synthetic(num_clients=6, k=3, sizes=[5, 40, 12, 60, 23, 8])
   config = _config("ifca", k=3)
+  config.client.num_epochs = 1
   config.clustering.ifca_reseed_empty = False
   model = simulation.build_model(config, data)
   exp = cl.build_clustered_experiment(config, data, model, "ifca")
