@@ -20,8 +20,9 @@ compare ratios, not times.
   python -m benchmarks.skew                   # the default sweep (~15 min idle 2-core CPU; hours under load)
   python -m benchmarks.skew --report_only     # rebuild docs/performance.md's table and the plot
 
-Writes ``docs/perf_skew.json``, ``docs/img/perf_skew.png`` and the table between the markers in
-``docs/performance.md``.
+Writes ``docs/perf_skew.json`` and ``docs/img/perf_skew.png``; the tables and verdicts in
+``docs/performance.md`` and README.md are rendered from the JSON by ``experiments/perf_tables.py``
+(``make report`` rebuilds them).
 """
 
 from __future__ import annotations
@@ -46,8 +47,6 @@ from fedjax_health.data.federated import BatchPlanSpec
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JSON = os.path.join(ROOT, "docs", "perf_skew.json")
 PNG = os.path.join(ROOT, "docs", "img", "perf_skew.png")
-DOC = os.path.join(ROOT, "docs", "performance.md")
-BEGIN, END = "<!-- perf_skew table begin -->", "<!-- perf_skew table end -->"
 # (workload, skew, cohort, baselines): the sweep that fits ~15 minutes on a shared 2-core CPU.
 DEFAULT_POINTS = (  # most important first: the JSON is rewritten after every point
     ("mlp", "lognormal:1", 1000, "central,loop,lowrank,dense,dense_static,dense_padded"),
@@ -136,37 +135,6 @@ def measure(workload: str, skew: str, cohort: int, which: str, repeats: int, pea
   return row
 
 
-def table(report: dict) -> str:
-  """Returns the markdown table of the sweep (ratios measured in one process)."""
-  lines = [f"Measured {report['date']} on {report['machine']}, f32 GEMM peak {report['gemm_peak_gflops']:.0f} "
-           f"GFLOP/s; median of {report['repeats']} rounds after warm-up; load average "
-           f"{report['load_min']:.1f}-{report['load_max']:.1f} on {os.cpu_count()} cores, so compare ratios.",
-           "",
-           "| workload | sizes | clients | largest | real / padded steps | centralised (ms) | engine, default path "
-           "(ms, x limit) | dense, own steps (x limit) | dense, pow2 buckets (x limit) | dense, padded plan "
-           "(x limit) | Python loop (x limit) | speed-up vs loop | GFLOP/s (% of GEMM peak) |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-  for r in report["points"]:
-    ms = r["round_ms"]
-    c = ms.get("centralised")
-    best = "lowrank" if "lowrank" in ms else "dense"
-
-    def x(k):
-      return f"{ms[k] / c:.1f}x" if k in ms and c else "-"
-
-    loop = f"{ms['python_loop'] / ms[best]:.1f}x" if "python_loop" in ms else "-"
-    kind, v = r["skew"].split(":")
-    sizes = "equal" if (kind == "lognormal" and float(v) == 0) else (
-        f"lognormal σ={v}" if kind == "lognormal" else f"power law a={v}")
-    path = r.get("paths", {}).get(best, best)
-    lines.append(f"| {r['workload']} | {sizes} | {r['cohort']:,} | {r['largest_client']} | "
-                 f"{r['real_steps']:,} / {r['padded_steps'] * r['cohort']:,} | {c:,.0f} | "
-                 f"{ms[best]:,.0f} ({x(best)}, {path}) | {x('dense')} | {x('dense_static')} | {x('dense_padded')} | "
-                 f"{x('python_loop')} | "
-                 f"{loop} | {r['gflops'][best]:.1f} ({100 * r['fraction_of_gemm_peak'][best]:.0f}%) |")
-  return "\n".join(lines)
-
-
 def plot(report: dict, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -192,13 +160,12 @@ def plot(report: dict, path: str) -> None:
 
 
 def write_report(report: dict) -> None:
+  """Plot, then regenerate the ``perf_skew*`` sections of docs/performance.md and README.md."""
+  from experiments import report as report_lib
   os.makedirs(os.path.dirname(PNG), exist_ok=True)
   plot(report, PNG)
-  text = open(DOC).read() if os.path.exists(DOC) else f"{BEGIN}\n{END}\n"
-  head, rest = text.split(BEGIN)
-  _, tail = rest.split(END)
-  with open(DOC, "w") as f:
-    f.write(head + BEGIN + "\n" + table(report) + "\n" + END + tail)
+  report_lib.load_renderers()
+  report_lib.update_all(names=["perf_skew", "perf_skew_verdict"])
 
 
 def main():
@@ -206,6 +173,8 @@ def main():
   ap.add_argument("--points", default="", help="workload/skew/cohort/items;... (default: DEFAULT_POINTS)")
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--report_only", action="store_true", help="rebuild the table and plot from the JSON")
+  ap.add_argument("--append", action="store_true",
+                  help="keep the JSON's other points (a point measured again replaces its old row)")
   args = ap.parse_args()
   if args.report_only:
     with open(JSON) as f:
@@ -217,6 +186,11 @@ def main():
   report = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {jax.default_backend()}",
             "date": time.strftime("%Y-%m-%d", time.gmtime()), "jax": jax.__version__, "repeats": args.repeats,
             "gemm_peak_gflops": peak, "points": []}
+  if args.append and os.path.exists(JSON):
+    with open(JSON) as f:
+      old = json.load(f)
+    again = {(w, s, c) for w, s, c, _ in points}
+    report["points"] = [r for r in old["points"] if (r["workload"], r["skew"], r["cohort"]) not in again]
   for wl, skew, cohort, which in points:
     row = measure(wl, skew, cohort, which, args.repeats, peak)
     report["points"].append(row)

@@ -1,7 +1,8 @@
 """README performance tables, rendered from the committed benchmark JSON (``experiments/report.py``).
 
 ``docs/perf_compare.json`` comes from ``python -m benchmarks.compare``; ``docs/perf_scale.json``
-from ``python -m benchmarks.scale``. Nothing here measures anything.
+from ``python -m benchmarks.scale``; ``docs/perf_skew.json`` from ``python -m benchmarks.skew``.
+Nothing here measures anything.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from experiments import report
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPARE = os.path.join(ROOT, "docs", "perf_compare.json")
 SCALE = os.path.join(ROOT, "docs", "perf_scale.json")
+SKEW = os.path.join(ROOT, "docs", "perf_skew.json")
 # Workload definitions (benchmarks/baselines/workloads.py), not measurements.
 WORKLOADS = {"w1": "W1: 1000 clients x 20 ex., batch 10, MLP 784-200-10",
              "cnn": "CNN: 20 clients x 5 steps of 10, EMNIST CNN 28x28"}
@@ -74,5 +76,71 @@ def render_scale() -> str:
   return "\n".join(lines)
 
 
+def render_skew() -> str:
+  """The skew sweep's table (ratios measured round-robin in one process)."""
+  with open(SKEW) as f:
+    rep = json.load(f)
+  lines = [f"Measured {rep['date']} on {rep['machine']}, f32 GEMM peak {rep['gemm_peak_gflops']:.0f} "
+           f"GFLOP/s; median of {rep['repeats']} rounds after warm-up; load average "
+           f"{rep['load_min']:.1f}-{rep['load_max']:.1f} on {rep['machine'].split()[1]} cores, so compare ratios.",
+           "",
+           "| workload | sizes | clients | largest | real / padded steps | centralised (ms) | engine, default path "
+           "(ms, x limit) | dense, own steps (x limit) | dense, pow2 buckets (x limit) | dense, padded plan "
+           "(x limit) | Python loop (x limit) | speed-up vs loop | GFLOP/s (% of GEMM peak) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rep["points"]:
+    ms = r["round_ms"]
+    c = ms.get("centralised")
+    best = "lowrank" if "lowrank" in ms else "dense"
+
+    def x(k):
+      return f"{ms[k] / c:.1f}x" if k in ms and c else "-"
+
+    loop = f"{ms['python_loop'] / ms[best]:.1f}x" if "python_loop" in ms else "-"
+    kind, v = r["skew"].split(":")
+    sizes = "equal" if (kind == "lognormal" and float(v) == 0) else (
+        f"lognormal σ={v}" if kind == "lognormal" else f"power law a={v}")
+    path = r.get("paths", {}).get(best, best)
+    lines.append(f"| {r['workload']} | {sizes} | {r['cohort']:,} | {r['largest_client']} | "
+                 f"{r['real_steps']:,} / {r['padded_steps'] * r['cohort']:,} | {c:,.0f} | "
+                 f"{ms[best]:,.0f} ({x(best)}, {path}) | {x('dense')} | {x('dense_static')} | {x('dense_padded')} | "
+                 f"{x('python_loop')} | "
+                 f"{loop} | {r['gflops'][best]:.1f} ({100 * r['fraction_of_gemm_peak'][best]:.0f}%) |")
+  return "\n".join(lines)
+
+
+def _sizes(skew: str) -> str:
+  kind, v = skew.split(":")
+  if kind == "lognormal":
+    return "equal sizes" if float(v) == 0 else f"lognormal sigma {v}"
+  return f"power law a={v}"
+
+
+def render_skew_verdict() -> str:
+  """One line per point: the issue's targets (within 2x of the limit; 5x faster than the loop)."""
+  with open(SKEW) as f:
+    rep = json.load(f)
+  lines = []
+  for r in rep["points"]:
+    ms = r["round_ms"]
+    if "centralised" not in ms:
+      continue
+    best = "lowrank" if "lowrank" in ms else "dense"
+    x = ms[best] / ms["centralised"]
+    target = 1.5 if r["skew"] == "lognormal:0" and r["workload"] == "mlp" else 2.0
+    line = (f"- {r['workload']}, {r['cohort']:,} clients, {_sizes(r['skew'])}: default path {x:.2f}x the "
+            f"limit (target <= {target}x: {'met' if x <= target else 'not met'})")
+    if "dense" in ms and best != "dense":
+      line += f"; dense path {ms['dense'] / ms['centralised']:.2f}x"
+    if "python_loop" in ms:
+      s = ms["python_loop"] / ms[best]
+      line += (f"; {s:.1f}x faster than the Python loop (target >= 5x: {'met' if s >= 5 else 'not met'}; the "
+               f"loop itself is {ms['python_loop'] / ms['centralised']:.1f}x the limit here)")
+    lines.append(line + ".")
+  return "\n".join(lines)
+
+
+report.register("perf_skew", render_skew, sources=(SKEW,))
+report.register("perf_skew_verdict", render_skew_verdict, sources=(SKEW,))
 report.register("perf_compare", render_compare, sources=(COMPARE,))
 report.register("perf_scale", render_scale, sources=(SCALE,))
