@@ -48,6 +48,39 @@ def register(name: str, render: Callable[[], str], sources=()) -> None:
   REGISTRY[name] = Renderer(render, tuple(sources))
 
 
+def provenance(command: str, **extra) -> dict:
+  """Returns where a result file came from: UTC date, machine, jax version, git commit and ``command``."""
+  import datetime
+  import platform
+  import subprocess
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                            check=False).stdout.strip()
+  except OSError:
+    commit = ""
+  try:
+    import jax
+    jax_version = jax.__version__
+  except ImportError:
+    jax_version = ""
+  out = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+         "machine": f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} CPU cores",
+         "jax": jax_version, "commit": commit, "command": command}
+  out.update(extra)
+  return out
+
+
+def rounded(tree, digits: int = 4):
+  """Returns ``tree`` (dicts/lists of floats) with floats rounded, NaN/inf as None, for small JSON files."""
+  if isinstance(tree, dict):
+    return {k: rounded(v, digits) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [rounded(v, digits) for v in tree]
+  if isinstance(tree, float):
+    return round(tree, digits) if tree == tree and abs(tree) != float("inf") else None
+  return tree
+
+
 def load_renderers() -> None:
   for module in RENDERER_MODULES:
     importlib.import_module(module)
