@@ -30,7 +30,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-RENDERER_MODULES = ["experiments.heart_disease_table", "experiments.perf_tables", "benchmarks.stacked_seeds"]
+RENDERER_MODULES = ["experiments.heart_disease_table", "experiments.perf_tables", "benchmarks.stacked_seeds",
+                    "experiments.security_report", "experiments.heterogeneity", "experiments.inversion_sweep",
+                    "experiments.inversion_native", "experiments.privacy", "experiments.ftl"]
 _MARKER = re.compile(r"(<!-- BEGIN generated:([\w.-]+) -->\n)(.*?)(<!-- END generated:\2 -->)", re.S)
 
 
@@ -71,13 +73,13 @@ def provenance(command: str, **extra) -> dict:
 
 
 def rounded(tree, digits: int = 4):
-  """Returns ``tree`` (dicts/lists of floats) with floats rounded, NaN/inf as None, for small JSON files."""
+  """Returns ``tree`` (dicts/lists of floats) with floats rounded and NaN as None, for small JSON files."""
   if isinstance(tree, dict):
     return {k: rounded(v, digits) for k, v in tree.items()}
   if isinstance(tree, (list, tuple)):
     return [rounded(v, digits) for v in tree]
   if isinstance(tree, float):
-    return round(tree, digits) if tree == tree and abs(tree) != float("inf") else None
+    return None if tree != tree else tree if abs(tree) == float("inf") else round(tree, digits)
   return tree
 
 

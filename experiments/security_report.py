@@ -239,13 +239,12 @@ def setup_markdown(doc: dict) -> str:
   """The protocol paragraph of docs/security.md, with the run's settings and provenance."""
   results = doc["federations"]
   s = doc["settings"]
-  feds = {r["setting"]: r for r in results}
   per_fed = lambda key, fmt="{}": " / ".join(fmt.format(s["federations"][r["setting"]][key]) for r in results)
   pre = ", ".join(f"{s['federations'][r['setting']]['pretrain_rounds']} rounds for {r['setting']}" for r in results)
   minutes = sum(r["wall_time_s"] for r in results) / 60
-  check = ", ".join(f"{r.get('cross_check_max_abs_diff') or float('nan'):.1e}" for r in results)
+  check = ", ".join("not run" if r.get("cross_check_max_abs_diff") is None else f"{r['cross_check_max_abs_diff']:.1e}"
+                    for r in results)
   seeds = ", ".join(map(str, results[0]["seeds"]))
-  del feds
   return f"""Measured by `experiments/security.py` and generated from `docs/results/security.json` by
 `experiments/report.py` (run {doc['date']} on {doc['machine']}, jax {doc['jax']}, commit {doc['commit']}:
 `{doc['command']}`; means over seeds {seeds}; {minutes:.0f} min in all).
