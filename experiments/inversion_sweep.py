@@ -304,8 +304,8 @@ def findings(doc: dict) -> str:
                                                                     for r in unrolled) +
                f" (one step {base['psnr_mean']:.1f} dB)" +
                "".join(f"; treated as one gradient ({r['setting']}): {r['psnr_mean']:.1f} dB" for r in flat) + ".")
-  if ref:
-    other = [r for r in img if r["group"] in ("resolution", "activation", "model", "dataset")]
+  other = [r for r in img if r["group"] in ("resolution", "activation", "model", "dataset")]
+  if ref and other:
     above = [r for r in other if r["psnr_mean"] > ref["psnr_mean"]]
     out.append(f"* Resolution, activation, model and dataset changes: {len(above)} of {len(other)} rows stay above "
                f"the mean-image guess; lowest " +
