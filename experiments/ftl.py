@@ -274,9 +274,10 @@ def summary() -> str:
   gaps = _gaps(rows)
   behind, equal, ahead = _verdicts(gaps)
   seeds = sorted({r["seed"] for r in rows})
+  parts = ([f"trails it at {_ovs(behind)} shared patients (paired gap beyond its seed sd)"] if behind else []) + \
+      ([f"is within seed noise of it at {_ovs(equal)}"] if equal else []) + ([f"beats it at {_ovs(ahead)}"] if ahead else [])
   return (f"On our Fed-Heart-Disease feature split (party B's AUC on its non-overlapping patients, {len(seeds)} "
-          f"seeds, paired by seed) FTL trails simply training B on the overlap's labels at {_ovs(behind)} shared "
-          f"patients, is about equal at {_ovs(equal)} and ahead at {_ovs(ahead)}.")
+          f"seeds), compared with simply training B on the overlap's labels, FTL " + "; ".join(parts) + ".")
 
 
 SECTIONS = ("ftl_tables", "ftl_findings", "ftl_summary")

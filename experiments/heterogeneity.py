@@ -343,8 +343,11 @@ def main(argv=None):
   stats = collect(rows)
   table = markdown_tables(stats, datasets, methods)
   print(table)
-  with open(os.path.join(args.out, "table.md"), "w") as f:
-    f.write(table)
+  if args.report_only:
+    report.update_all(names=SECTIONS)
+  else:
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+      f.write(table)
   if args.plot:
     os.makedirs(os.path.dirname(args.plot), exist_ok=True)
     plot(stats, datasets, methods, args.plot)

@@ -234,7 +234,8 @@ def render_results() -> str:
   doc = load_results()
   seeds = sorted({r["seed"] for r in doc["rows"]})
   return (make_table(doc["rows"]) + f"\n\nGenerated from `docs/results/privacy.json` (`{doc['command']}`, "
-          f"{doc['date']}, {doc['machine']}; seeds per row in the table, {len(seeds)} distinct in all).")
+          f"{doc['date']}, {doc['machine']}; seeds per row in the table, {len(seeds)} distinct in all)."
+          + (f" {doc['note']}" if doc.get("note") else ""))
 
 
 def findings(doc: dict) -> str:
@@ -293,6 +294,8 @@ def main():
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--out", default=os.path.join(ROOT, "results", "privacy"))
   parser.add_argument("--plot", default=os.path.join(ROOT, "docs", "img", "privacy_accuracy_vs_epsilon.png"))
+  parser.add_argument("--note", default="", help="recorded in docs/results/privacy.json and shown under the table "
+                      "(e.g. that a run was cut short)")
   parser.add_argument("--report_only", action="store_true",
                       help="rebuild the generated sections and the plot from docs/results/privacy.json (no runs)")
   args = parser.parse_args()
@@ -323,7 +326,9 @@ def main():
   print(table)
   print(accountant_comparison())
   if args.out == os.path.join(ROOT, "results", "privacy"):
-    write_results(rows, report.provenance("nice -n 19 python experiments/privacy.py " + " ".join(sys.argv[1:])))
+    argv = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--note") and sys.argv[i] != "--note"]
+    write_results(rows, report.provenance("nice -n 19 python experiments/privacy.py " + " ".join(argv),
+                                          note=args.note))
     report.update_all(names=SECTIONS)
   os.makedirs(os.path.dirname(args.plot), exist_ok=True)
   make_plot(rows, args.plot)
