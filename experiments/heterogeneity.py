@@ -189,6 +189,15 @@ LABELS = {"retinamnist": "RetinaMNIST, 4 planted clusters", "breastmnist": "Brea
 SECTIONS = ("heterogeneity_tables", "heterogeneity_findings", "heterogeneity_summary", "heterogeneity_runtime")
 
 
+def _missing_summary(missing: list[str]) -> str:
+  """'dataset/method/seedk' ids -> 'dataset: method (seeds 1, 2), ...; ...'."""
+  by: dict = {}
+  for cell in missing:
+    d, m, seed = cell.split("/")
+    by.setdefault(d, {}).setdefault(m, []).append(seed[4:])
+  return "; ".join(f"{d}: " + ", ".join(f"{m} (seeds {', '.join(s)})" for m, s in ms.items()) for d, ms in by.items())
+
+
 def write_results(rows: list[dict], meta: dict, path: str = RESULTS) -> None:
   """Writes every run's scalar metrics (per seed) with ``meta`` to the small committed JSON."""
   keep = [{k: v for k, v in r.items() if not isinstance(v, list)} for r in rows]
@@ -239,13 +248,13 @@ def findings(doc: dict, stats: dict) -> str:
     text = (f"**{LABELS[ds]}** ({n} seeds): {len(both)} of {len(others)} clustered / personalised methods beat "
             f"FedAvg on both mean and worst-10% client accuracy (paired gain > 0)"
             + (f": {', '.join(both)}" if both and len(both) < len(others) else "") + ". "
-            f"Best mean: {bm} {100 * stats[(ds, bm)]['mean_client_accuracy'][0]:.1f} % vs FedAvg "
-            f"{100 * fed['mean_client_accuracy'][0]:.1f} %"
-            + (f" ({_pts(stats[(ds, bm)]['gain_mean'])} points, paired)" if bm != "fedavg" else "") + "; "
-            f"best worst-10%: {bw} {100 * stats[(ds, bw)]['worst10_client_accuracy'][0]:.1f} % vs "
-            f"{100 * fed['worst10_client_accuracy'][0]:.1f} %"
-            + (f" ({_pts(stats[(ds, bw)]['gain_worst10'])})" if bw != "fedavg" else "") + ". "
-            f"Mean gains larger than their seed sd: {', '.join(clear) or 'none'}.")
+            + (f"Best mean: FedAvg itself ({100 * fed['mean_client_accuracy'][0]:.1f} %); " if bm == "fedavg" else
+               f"Best mean: {bm} {100 * stats[(ds, bm)]['mean_client_accuracy'][0]:.1f} % vs FedAvg "
+               f"{100 * fed['mean_client_accuracy'][0]:.1f} % ({_pts(stats[(ds, bm)]['gain_mean'])} points, paired); ")
+            + (f"best worst-10%: FedAvg itself ({100 * fed['worst10_client_accuracy'][0]:.1f} %). " if bw == "fedavg" else
+               f"best worst-10%: {bw} {100 * stats[(ds, bw)]['worst10_client_accuracy'][0]:.1f} % vs "
+               f"{100 * fed['worst10_client_accuracy'][0]:.1f} % ({_pts(stats[(ds, bw)]['gain_worst10'])}). ")
+            + f"Mean gains larger than their seed sd: {', '.join(clear) or 'none'}.")
     if (ds, "local_only") in stats:
       text += f" Local-only training: {_pts(stats[(ds, 'local_only')]['gain_mean'])} points on the mean."
     aris = [(m, stats[(ds, m)]["ari"]) for m in CLUSTERED if (ds, m) in stats and "ari" in stats[(ds, m)]]
@@ -284,17 +293,19 @@ def render_summary() -> str:
                  f"{cell(bw, 'worst10_client_accuracy', 'gain_worst10')} | "
                  + (", ".join(f"{m} {a:.2f}" for a, m in aris) or "-") + " |")
   n = max(v["accuracy"][2] for v in stats.values())
-  lines += ["", f"Per-client test accuracy (%), mean over {n} seeds; gains paired by seed, ± sd "
-            f"(`{doc['command']}`, {doc['date']}, {doc['machine']})."]
+  lines += ["", f"Per-client test accuracy (%), mean over up to {n} seeds; gains paired by seed, ± sd "
+            f"(`{doc['command']}`, {doc['date']}, {doc['machine']})." + (f" {doc['note']}" if doc.get("note") else "")]
   return "\n".join(lines)
 
 
 def render_runtime() -> str:
   doc, _ = _load()
   run_s = sum(r.get("wall_s", 0.0) for r in doc["rows"])
-  return (f"The committed grid ({len(doc['rows'])} runs, `{doc['command']}`) took {doc['grid_wall_s']:.0f} s wall "
-          f"({run_s:.0f} s of run time, {doc['workers']} worker process(es)) on {doc['machine']}, shared with "
-          f"other jobs, on {doc['date']} (commit {doc['commit']}); raw per-run JSON in `results/heterogeneity/`.")
+  wall = f"took {doc['grid_wall_s']:.0f} s wall (" if doc.get("grid_wall_s") else "took ("
+  return (f"The committed grid ({len(doc['rows'])} runs, `{doc['command']}`) {wall}{run_s:.0f} s of run time, "
+          f"{doc['workers']} worker process(es)) on {doc['machine']}, shared with other jobs; written "
+          f"{doc['date']} (commit {doc['commit']}); raw per-run JSON in `results/heterogeneity/`."
+          + (f" {doc['note']}" if doc.get("note") else ""))
 
 
 report.register("heterogeneity_tables", render_tables, sources=(RESULTS,))
@@ -311,6 +322,10 @@ def main(argv=None):
   parser.add_argument("--workers", type=int, default=2)
   parser.add_argument("--out", default=os.path.join(ROOT, "results", "heterogeneity"))
   parser.add_argument("--report_only", action="store_true")
+  parser.add_argument("--cached_only", action="store_true",
+                      help="run nothing: write docs/results/heterogeneity.json from the finished runs in --out, "
+                           "recording which cells of the grid are missing (for a grid cut short)")
+  parser.add_argument("--command", default="", help="with --cached_only: the command that ran the grid")
   parser.add_argument("--plot", default=os.path.join(ROOT, "docs", "img", "heterogeneity_client_accuracy.png"))
   args = parser.parse_args(argv)
   datasets = [d for d in args.datasets.split(",") if d]
@@ -327,6 +342,10 @@ def main(argv=None):
   if args.report_only:
     with open(RESULTS) as f:
       rows = [r for r in json.load(f)["rows"] if r["dataset"] in datasets and r["method"] in methods]
+  elif args.cached_only:
+    paths = [os.path.join(args.out, d, m, f"seed{s}.json") for d, m, s, _ in tasks]
+    rows = [json.load(open(p)) for p in paths if os.path.exists(p)]
+    missing = [f"{d}/{m}/seed{s}" for (d, m, s, _), p in zip(tasks, paths) if not os.path.exists(p)]
   elif args.workers > 1:
     with mp.get_context("spawn").Pool(args.workers) as pool:
       rows = pool.map(run_one, tasks, chunksize=1)
@@ -335,7 +354,15 @@ def main(argv=None):
   wall = time.time() - t0
   print(f"{len(rows)} runs in {wall:.0f}s")
   full = (set(datasets), set(methods)) == (set(DATASETS), set(METHODS))
-  if not args.report_only and full:
+  if args.cached_only and full:
+    grid_s = sum(r.get("wall_s", 0.0) for r in rows)
+    write_results(rows, report.provenance(
+        args.command or "nice -n 19 python experiments/heterogeneity.py", seeds=seeds, workers=1,
+        grid_wall_s=None, missing=missing,
+        note=(f"Grid cut short: {len(missing)} of {len(tasks)} runs missing ({_missing_summary(missing)}); "
+              f"the tables show the finished runs ({grid_s:.0f} s of run time)." if missing else "")))
+    report.update_all(names=SECTIONS)
+  elif not args.report_only and full:
     write_results(rows, report.provenance(
         "nice -n 19 python experiments/heterogeneity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         seeds=seeds, workers=args.workers, grid_wall_s=round(wall, 1)))
@@ -343,7 +370,7 @@ def main(argv=None):
   stats = collect(rows)
   table = markdown_tables(stats, datasets, methods)
   print(table)
-  if args.report_only:
+  if args.report_only or args.cached_only:
     report.update_all(names=SECTIONS)
   else:
     with open(os.path.join(args.out, "table.md"), "w") as f:
