@@ -270,7 +270,7 @@ def _name(r: dict) -> str:
 def _caption(doc: dict, which: str) -> str:
   rows = doc[which]
   total = sum(r["seconds"] for r in rows)
-  return (f"Generated from `docs/results/inversion_sweep.json` (`{doc['command']}`, {doc['date']}, "
+  return (f"Generated from `docs/results/inversion_sweep.json` (`{doc['command'].strip()}`, {doc['date']}, "
           f"{doc['machine']}; {total / 60:.0f} min of attacks for these rows).")
 
 

@@ -68,7 +68,7 @@ def provenance(command: str, **extra) -> dict:
     jax_version = ""
   out = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
          "machine": f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} CPU cores",
-         "jax": jax_version, "commit": commit, "command": command}
+         "jax": jax_version, "commit": commit, "command": command.strip()}
   out.update(extra)
   return out
 
