@@ -264,7 +264,10 @@ def findings(doc: dict) -> str:
              abs(_stats(rows, setting, e)[0] - none[0]) <= max(_stats(rows, setting, e)[1], none[1])]
     below_chance = [e for e in EPSILONS if _stats(rows, setting, e)[2] and _stats(rows, setting, e)[0] <= maj.get(setting, 0)]
     text = (f"- **{desc}** ({none[2]} seeds): non-private accuracy {_ms(none)}, AUC {_ms(none_auc)}; " +
-            "; ".join(parts) + ". ")
+            ("; ".join(parts) if parts else "no private run in this file") + ". ")
+    if not parts:
+      out.append(text.rstrip())
+      continue
     finite_close = [e for e in close if e != math.inf]
     text += (f"Within seed noise of the non-private model from ε = {min(finite_close):g} on"
              if finite_close and all(e in close for e in EPSILONS if e >= min(finite_close))
@@ -294,6 +297,7 @@ def main():
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--out", default=os.path.join(ROOT, "results", "privacy"))
   parser.add_argument("--plot", default=os.path.join(ROOT, "docs", "img", "privacy_accuracy_vs_epsilon.png"))
+  parser.add_argument("--command", default="", help="the command recorded in the JSON (default: this one)")
   parser.add_argument("--note", default="", help="recorded in docs/results/privacy.json and shown under the table "
                       "(e.g. that a run was cut short)")
   parser.add_argument("--report_only", action="store_true",
@@ -327,7 +331,7 @@ def main():
   print(accountant_comparison())
   if args.out == os.path.join(ROOT, "results", "privacy"):
     argv = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--note") and sys.argv[i] != "--note"]
-    write_results(rows, report.provenance("nice -n 19 python experiments/privacy.py " + " ".join(argv),
+    write_results(rows, report.provenance(args.command or "nice -n 19 python experiments/privacy.py " + " ".join(argv),
                                           note=args.note))
     report.update_all(names=SECTIONS)
   os.makedirs(os.path.dirname(args.plot), exist_ok=True)

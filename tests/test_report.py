@@ -24,11 +24,12 @@ def test_committed_tables_are_generated_from_committed_results():
   assert report.update_all(check=True) == []
   found = report.sections()
   assert {"heart_disease", "perf_compare", "perf_scale", "security_summary", "heterogeneity_summary",
-          "inversion_summary", "ftl_summary"} <= set(found["README.md"])
+          "inversion_summary", "privacy_results", "ftl_summary"} <= set(found["README.md"])
   for doc, names in {"docs/security.md": ("security_setup", "security_claims", "security_tables"),
                      "docs/heterogeneity.md": ("heterogeneity_tables", "heterogeneity_findings"),
                      "docs/transfer.md": ("ftl_tables", "ftl_findings"),
                      "docs/inversion.md": ("inversion_images", "inversion_records", "inversion_findings"),
+                     "docs/privacy.md": ("privacy_results", "privacy_findings", "privacy_accountants"),
                      "docs/model_heterogeneity.md": ("model_heterogeneity", "model_heterogeneity_findings"),
                      "docs/inversion_native.md": ("inversion_native",)}.items():
     assert set(names) <= set(found[doc]), doc
