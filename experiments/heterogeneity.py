@@ -301,7 +301,8 @@ def render_summary() -> str:
 def render_runtime() -> str:
   doc, _ = _load()
   run_s = sum(r.get("wall_s", 0.0) for r in doc["rows"])
-  wall = f"took {doc['grid_wall_s']:.0f} s wall (" if doc.get("grid_wall_s") else "took ("
+  wall = (f"took {doc['grid_wall_s']:.0f} s wall in its last invocation (finished runs are cached and reused; "
+          if doc.get("grid_wall_s") else "took (")
   return (f"The committed grid ({len(doc['rows'])} runs, `{doc['command']}`) {wall}{run_s:.0f} s of run time, "
           f"{doc['workers']} worker process(es)) on {doc['machine']}, shared with other jobs; written "
           f"{doc['date']} (commit {doc['commit']}); raw per-run JSON in `results/heterogeneity/`."
