@@ -30,7 +30,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from experiments import grid  # noqa: E402
+from experiments import grid, report  # noqa: E402
 DATASETS = {
     "heart_disease": "heart_disease_hetero.py",
     "breastmnist": "breastmnist_hetero.py",
@@ -113,6 +113,39 @@ def markdown_tables(stats: dict) -> str:
   return "\n".join(lines)
 
 
+def findings(stats: dict) -> str:
+  """Bullets under the table, every figure and comparison computed from the committed stats."""
+  out = []
+  for ds in DATASETS:
+    if ds not in stats:
+      continue
+    s = stats[ds]
+    fedavg_up = s.get("fedavg", {}).get("bytes_up_per_client", [None])[0]
+    rows = [n for n in ("hetero_fedavg", "fedavg", "fedmd", "fd", "feddf", "fedproto", "fedproto_nearest")
+            if n in s and "gain_vs_local" in s[n]]
+    gain = lambda n: s[n]["gain_vs_local"]
+    clear = [n for n in rows if gain(n)[0] > gain(n)[1]]
+    best = max(rows, key=lambda n: s[n]["mean_client_accuracy"][0])
+    parts = [f"{LABELS[n]} {100 * gain(n)[0]:+.1f} ± {100 * gain(n)[1]:.1f}" +
+             (f" at {100 * s[n]['bytes_up_per_client'][0] / fedavg_up:.2f}% of FedAvg's upload" if fedavg_up else "")
+             for n in rows]
+    out.append(f"* **{ds}**, mean client accuracy gain over local-only training (points, paired by seed): "
+               + "; ".join(parts) + ".")
+    out.append(f"* Highest mean client accuracy: {LABELS[best]} ({100 * s[best]['mean_client_accuracy'][0]:.1f} %). "
+               f"Gains larger than their seed sd: {', '.join(LABELS[n] for n in clear) or 'none'}; for the others "
+               f"the spread over seeds is at least as large as the gain.")
+  return "\n".join(out)
+
+
+def _stats() -> dict:
+  with open(RESULTS) as f:
+    return json.load(f)["stats"]
+
+
+report.register("model_heterogeneity", lambda: markdown_tables(_stats()).rstrip("\n"), sources=(RESULTS,))
+report.register("model_heterogeneity_findings", lambda: findings(_stats()), sources=(RESULTS,))
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--datasets", default=",".join(DATASETS))
@@ -152,6 +185,7 @@ def main(argv=None):
     with open(RESULTS, "w") as f:
       json.dump({"command": "experiments/heterogeneity_models.py", "stats": stats}, f, indent=1)
   table = markdown_tables(stats)
+  report.update_all(names=("model_heterogeneity", "model_heterogeneity_findings"))
   print(table)
   return table
 

@@ -4,13 +4,16 @@ For each setting (a config in configs/), each target epsilon in {1, 3, 8, inf} a
 (inf = clipping without noise) and a non-private reference, runs the given seeds (3 by default;
 docs/privacy.md used 10 for the cheap Fed-Heart-Disease settings) and records the final
 test accuracy, AUC and the epsilon the run reported. Raw rows go to results/privacy/runs.jsonl
-(one JSON object per run; finished runs are skipped on a rerun), the table to
-results/privacy/table.md and the plot to docs/img/privacy_accuracy_vs_epsilon.png.
-~25 min on a 2-core CPU in all.
+(one JSON object per run; finished runs are skipped on a rerun), the plot to
+docs/img/privacy_accuracy_vs_epsilon.png, and every row so far (with the RDP/PLD comparison, the
+test sets' majority-class rates, the command, date and machine) to the small committed
+docs/results/privacy.json, from which the tables and findings of docs/privacy.md and the README
+are generated (experiments/report.py). ~25 min on a 2-core CPU in all.
 
-  .venv/bin/python experiments/privacy.py                 # everything, seeds 0-2
-  .venv/bin/python experiments/privacy.py --settings=hd_client,hd_client_secagg,hd_patient --seeds=0,1,2,3,4,5,6,7,8,9
-  .venv/bin/python experiments/privacy.py --settings=hd_client --seeds=0
+  nice -n 19 python experiments/privacy.py                 # everything, seeds 0-2
+  nice -n 19 python experiments/privacy.py --settings=hd_client,hd_client_secagg,hd_patient --seeds=0,1,2,3,4,5,6,7,8,9
+  python experiments/privacy.py --settings=hd_client --seeds=0
+  python experiments/privacy.py --report_only              # the generated sections from the JSON only
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fedjax_health import simulation  # noqa: E402
-from fedjax_health.privacy import accounting  # noqa: E402
+from experiments import report  # noqa: E402
+
+RESULTS = os.path.join(ROOT, "docs", "results", "privacy.json")
 
 EPSILONS = (1.0, 3.0, 8.0, math.inf)
 # name -> (config module, DP level, description)
@@ -71,6 +75,7 @@ def run_one(setting: str, epsilon: float | None, seed: int) -> dict:
 def run_seeds(setting: str, epsilon: float | None, seeds: list[int]) -> list[dict]:
   """Runs consecutive ``seeds`` as one vmapped program (``config.num_seeds``) when the setting's
   federated split does not depend on the seed (Fed-Heart-Disease), else one run per seed."""
+  from fedjax_health import simulation
   cfg = make_config(setting, epsilon, seeds[0])
   stacked = len(seeds) > 1 and cfg.dataset.name == "heart_disease" and seeds == list(range(seeds[0], seeds[0] + len(seeds)))
   if len(seeds) > 1 and not stacked:
@@ -158,16 +163,132 @@ def make_plot(rows: list[dict], path: str) -> None:
 
 def accountant_comparison() -> str:
   """Returns a markdown table of RDP vs PLD epsilon for the patient-level plans at z = 1."""
+  return accountant_markdown(accountant_rows())
+
+
+def accountant_markdown(rows: list[dict]) -> str:
   lines = ["| mechanism | RDP ε | PLD ε |", "|---|---|---|"]
+  lines += [f"| {r['mechanism']} | {r['rdp']:.3f} | {r['pld']:.3f} |" for r in rows]
+  return "\n".join(lines)
+
+
+def accountant_rows() -> list[dict]:
+  from fedjax_health.privacy import accounting
+  rows = []
   for desc, event in [
       ("DP-SGD q=0.1, 375 steps (hd_patient plan), z=1", accounting.patient_level_event(1.0, 0.1, 375)),
       ("DP-SGD q=0.1, 300 steps (breast_patient plan), z=1", accounting.patient_level_event(1.0, 0.1, 300)),
       ("client q=0.3, 40 rounds (breast_clinics plan), z=1", accounting.client_level_event(1.0, 40, "poisson", 0.3)),
       ("client q=1, 15 rounds (hd_client plan), z=2.5", accounting.client_level_event(2.5, 15)),
   ]:
-    lines.append(f"| {desc} | {accounting.compute_epsilon(event, 1e-5, 'rdp'):.3f} | "
-                 f"{accounting.compute_epsilon(event, 1e-5, 'pld'):.3f} |")
-  return "\n".join(lines)
+    rows.append({"mechanism": desc, "rdp": accounting.compute_epsilon(event, 1e-5, "rdp"),
+                 "pld": accounting.compute_epsilon(event, 1e-5, "pld")})
+  return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The committed result file and the generated sections.
+
+SECTIONS = ("privacy_results", "privacy_findings", "privacy_accountants")
+
+
+def majority_rates() -> dict:
+  """Share of the most frequent class in each setting's test set (the accuracy of a constant guess)."""
+  from fedjax_health.data import registry
+  out = {}
+  for setting in SETTINGS:
+    cfg = make_config(setting, None, 0)
+    y = np.asarray(registry.load_data(cfg.dataset, seed=0).test.y)
+    out[setting] = float(np.bincount(y).max() / len(y))
+  return out
+
+
+def write_results(rows: list[dict], meta: dict, path: str = RESULTS) -> None:
+  rows = sorted(rows, key=lambda r: (list(SETTINGS).index(r["setting"]),
+                                     -1 if r["target_epsilon"] == "none" else r["target_epsilon"], r["seed"]))
+  doc = dict(meta, settings={k: {"config": v[0], "level": v[1], "label": v[2]} for k, v in SETTINGS.items()},
+             majority_class_rate=majority_rates(), accountants=accountant_rows(), rows=rows)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(report.rounded(doc, 5), f, indent=0)
+    f.write("\n")
+
+
+def load_results(path: str = RESULTS) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _stats(rows, setting, eps, key="accuracy"):
+  v = np.asarray([r[key] for r in rows if r["setting"] == setting and r["target_epsilon"] == eps], float)
+  if not len(v):
+    return float("nan"), float("nan"), 0
+  return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
+
+
+def _ms(st) -> str:
+  return f"{st[0]:.3f} ± {st[1]:.3f}"
+
+
+def render_results() -> str:
+  doc = load_results()
+  seeds = sorted({r["seed"] for r in doc["rows"]})
+  return (make_table(doc["rows"]) + f"\n\nGenerated from `docs/results/privacy.json` (`{doc['command']}`, "
+          f"{doc['date']}, {doc['machine']}; seeds per row in the table, {len(seeds)} distinct in all)."
+          + (f" {doc['note']}" if doc.get("note") else ""))
+
+
+def findings(doc: dict) -> str:
+  """The bullets under the table; every figure and comparison computed from the per-seed rows."""
+  rows, maj = doc["rows"], doc["majority_class_rate"]
+  z = lambda setting, eps, level: next((r[f"noise_multiplier_{level}"] for r in rows
+                                        if r["setting"] == setting and r["target_epsilon"] == eps), None)
+  out = ["Constant-guess accuracy (majority class of the test set): " +
+         ", ".join(f"{s} {maj[s]:.3f}" for s in SETTINGS if s in maj) + "."]
+  present = {r["setting"] for r in rows}
+  for setting, (_, level, desc) in SETTINGS.items():
+    if setting not in present:
+      continue
+    none = _stats(rows, setting, "none")
+    none_auc = _stats(rows, setting, "none", "auc")
+    parts = []
+    for eps in EPSILONS:
+      acc, auc = _stats(rows, setting, eps), _stats(rows, setting, eps, "auc")
+      if not acc[2]:
+        continue
+      label = "∞ (clip only)" if eps == math.inf else f"ε = {eps:g}"
+      zz = z(setting, eps, level)
+      parts.append(f"{label}: accuracy {_ms(acc)}, AUC {_ms(auc)}" + (f", z = {zz:.2f}" if zz else ""))
+    # "within noise": the gap to the non-private mean is below the larger of the two seed sds
+    close = [e for e in EPSILONS if _stats(rows, setting, e)[2] and
+             abs(_stats(rows, setting, e)[0] - none[0]) <= max(_stats(rows, setting, e)[1], none[1])]
+    below_chance = [e for e in EPSILONS if _stats(rows, setting, e)[2] and _stats(rows, setting, e)[0] <= maj.get(setting, 0)]
+    text = (f"- **{desc}** ({none[2]} seeds): non-private accuracy {_ms(none)}, AUC {_ms(none_auc)}; " +
+            ("; ".join(parts) if parts else "no private run in this file") + ". ")
+    if not parts:
+      out.append(text.rstrip())
+      continue
+    finite_close = [e for e in close if e != math.inf]
+    text += (f"Within seed noise of the non-private model from ε = {min(finite_close):g} on"
+             if finite_close and all(e in close for e in EPSILONS if e >= min(finite_close))
+             else "No finite ε tested is within seed noise of the non-private model") + " (gap ≤ the larger seed sd)"
+    if below_chance:
+      text += ("; at or below the constant guess at " +
+               ", ".join("∞" if e == math.inf else f"ε = {e:g}" for e in below_chance))
+    out.append(text + ".")
+  if {"hd_client", "hd_client_secagg"} <= present:
+    diffs = [(e, _stats(rows, "hd_client_secagg", e)[0] - _stats(rows, "hd_client", e)[0]) for e in EPSILONS]
+    out.append("- SecAgg+ with distributed noise minus central DP-FedAvg (Fed-Heart-Disease), mean accuracy: " +
+               ", ".join(f"{'∞' if e == math.inf else f'ε = {e:g}'} {d:+.3f}" for e, d in diffs) +
+               ". Each hospital's noise share is sized for the minimum number of survivors, so with all "
+               "hospitals sending the noise variance exceeds the central one, and rounds with too few "
+               "survivors abort.")
+  return "\n".join(out)
+
+
+report.register("privacy_results", render_results, sources=(RESULTS,))
+report.register("privacy_findings", lambda: findings(load_results()), sources=(RESULTS,))
+report.register("privacy_accountants", lambda: accountant_markdown(load_results()["accountants"]), sources=(RESULTS,))
 
 
 def main():
@@ -176,7 +297,19 @@ def main():
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--out", default=os.path.join(ROOT, "results", "privacy"))
   parser.add_argument("--plot", default=os.path.join(ROOT, "docs", "img", "privacy_accuracy_vs_epsilon.png"))
+  parser.add_argument("--command", default="", help="the command recorded in the JSON (default: this one)")
+  parser.add_argument("--note", default="", help="recorded in docs/results/privacy.json and shown under the table "
+                      "(e.g. that a run was cut short)")
+  parser.add_argument("--report_only", action="store_true",
+                      help="rebuild the generated sections and the plot from docs/results/privacy.json (no runs)")
   args = parser.parse_args()
+  for setting in args.settings.split(","):
+    if setting not in SETTINGS:
+      raise ValueError(f"--settings must be among {sorted(SETTINGS)}, got {setting!r}")
+  if args.report_only:
+    report.update_all(names=SECTIONS)
+    make_plot(load_results()["rows"], args.plot)
+    return
   os.makedirs(args.out, exist_ok=True)
   runs_path = os.path.join(args.out, "runs.jsonl")
   rows = []
@@ -194,10 +327,13 @@ def main():
           f.flush()
           print(json.dumps(row), flush=True)
   table = make_table(rows)
-  with open(os.path.join(args.out, "table.md"), "w") as f:
-    f.write(table + "\n\n" + accountant_comparison() + "\n")
   print(table)
   print(accountant_comparison())
+  if args.out == os.path.join(ROOT, "results", "privacy"):
+    argv = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--note") and sys.argv[i] != "--note"]
+    write_results(rows, report.provenance(args.command or "nice -n 19 python experiments/privacy.py " + " ".join(argv),
+                                          note=args.note))
+    report.update_all(names=SECTIONS)
   os.makedirs(os.path.dirname(args.plot), exist_ok=True)
   make_plot(rows, args.plot)
 

@@ -30,7 +30,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-RENDERER_MODULES = ["experiments.heart_disease_table", "experiments.perf_tables", "benchmarks.stacked_seeds"]
+RENDERER_MODULES = ["experiments.heart_disease_table", "experiments.perf_tables", "benchmarks.stacked_seeds",
+                    "experiments.security_report", "experiments.heterogeneity", "experiments.inversion_sweep",
+                    "experiments.inversion_native", "experiments.privacy", "experiments.ftl",
+                    "experiments.heterogeneity_models"]
 _MARKER = re.compile(r"(<!-- BEGIN generated:([\w.-]+) -->\n)(.*?)(<!-- END generated:\2 -->)", re.S)
 
 
@@ -46,6 +49,39 @@ REGISTRY: dict[str, Renderer] = {}
 def register(name: str, render: Callable[[], str], sources=()) -> None:
   """Registers ``render() -> markdown`` for the sections marked ``generated:name``."""
   REGISTRY[name] = Renderer(render, tuple(sources))
+
+
+def provenance(command: str, **extra) -> dict:
+  """Returns where a result file came from: UTC date, machine, jax version, git commit and ``command``."""
+  import datetime
+  import platform
+  import subprocess
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                            check=False).stdout.strip()
+  except OSError:
+    commit = ""
+  try:
+    import jax
+    jax_version = jax.__version__
+  except ImportError:
+    jax_version = ""
+  out = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+         "machine": f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} CPU cores",
+         "jax": jax_version, "commit": commit, "command": command.strip()}
+  out.update(extra)
+  return out
+
+
+def rounded(tree, digits: int = 4):
+  """Returns ``tree`` (dicts/lists of floats) with floats rounded and NaN as None, for small JSON files."""
+  if isinstance(tree, dict):
+    return {k: rounded(v, digits) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [rounded(v, digits) for v in tree]
+  if isinstance(tree, float):
+    return None if tree != tree else tree if abs(tree) == float("inf") else round(tree, digits)
+  return tree
 
 
 def load_renderers() -> None:

@@ -23,7 +23,16 @@ def test_committed_tables_are_generated_from_committed_results():
   """README.md and docs/*.md equal what the renderers make of docs/results and docs/perf_*.json."""
   assert report.update_all(check=True) == []
   found = report.sections()
-  assert {"heart_disease", "perf_compare", "perf_scale"} <= set(found["README.md"])
+  assert {"heart_disease", "perf_compare", "perf_scale", "security_summary", "heterogeneity_summary",
+          "inversion_summary", "privacy_results", "ftl_summary"} <= set(found["README.md"])
+  for doc, names in {"docs/security.md": ("security_setup", "security_claims", "security_tables"),
+                     "docs/heterogeneity.md": ("heterogeneity_tables", "heterogeneity_findings"),
+                     "docs/transfer.md": ("ftl_tables", "ftl_findings"),
+                     "docs/inversion.md": ("inversion_images", "inversion_records", "inversion_findings"),
+                     "docs/privacy.md": ("privacy_results", "privacy_findings", "privacy_accountants"),
+                     "docs/model_heterogeneity.md": ("model_heterogeneity", "model_heterogeneity_findings"),
+                     "docs/inversion_native.md": ("inversion_native",)}.items():
+    assert set(names) <= set(found[doc]), doc
 
 
 def test_heart_disease_verdict_marks_rows_below_flamby():
@@ -43,3 +52,87 @@ def test_heart_disease_verdict_marks_rows_below_flamby():
   # gap 0.02; se = sqrt(0.01414^2 / 2) = 0.01 (FLamby's sd absent): 2.0 standard errors.
   assert verdict == ("In FLamby's own protocol we match or beat 1 of 2 FLamby rows; below it: FedAdam (0.710 vs "
                      "0.730: 0.020 below, 2.0 standard errors of the difference).")
+
+
+def test_every_registered_section_is_used_and_renderer_modules_import_no_jax():
+  """No renderer is orphaned, and ``make report`` stays cheap: importing the renderers imports no jax."""
+  import subprocess
+  import sys
+  import os
+  report.load_renderers()
+  used = {name for names in report.sections().values() for name in names}
+  # A renderer whose committed result files exist must be used by some README/docs section.
+  ready = {n for n, r in report.REGISTRY.items() if not n.startswith("_") and all(map(os.path.exists, r.sources))}
+  assert ready - used == set()
+  out = subprocess.run([sys.executable, "-c", "import sys; from experiments import report; report.load_renderers(); "
+                        "print('jax' in sys.modules)"], cwd=report.ROOT, capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "False"
+
+
+def _security_doc(repl_asr):
+  from experiments import security_report as sr
+
+  def per(acc=0.8, asr=0.1, tpr=0.0):
+    return [{"accuracy": acc, "asr_backdoor": asr, "asr_edge": asr, "tpr": tpr, "fpr": 0.0,
+             "rejection_rate_per_client": [0.0, 0.5, 0.0, 0.0]}] * 2
+  cells = {f"{a}|{d}": per() for a in ("none", "backdoor", "backdoor+pgd", "edge_case+pgd", "label_flip", "sign_flip",
+                                       "gaussian", "alie", "ipm", "fang") for d in sr.DEFENSES}
+  cells.update({f"backdoor+pgd+repl|{d}": per(asr=0.1) for d in sr.DEFENSES})
+  cells["backdoor+pgd+repl|mean"] = per(asr=repl_asr)
+  fed = {"setting": "breastmnist_device", "label": "x", "seeds": [0, 1], "cells": cells, "malicious": [0],
+         "label_skew": [0.0, 0.4, 0.1, 0.2], "pretrained": per(asr=0.02), "wall_time_s": 60.0}
+  return {"federations": [fed]}
+
+
+def test_security_discussion_words_follow_the_numbers():
+  from experiments import security_report as sr
+  strong, weak = sr.discussion_markdown(_security_doc(0.6)), sr.discussion_markdown(_security_doc(0.12))
+  assert "breastmnist_device: ASR 0.60, above the stronger of black-box poisoning (0.10)" in strong
+  assert "0.10 / 0.10 against 0.60 under FedAvg (a cut;" in strong
+  assert "breastmnist_device: ASR 0.12, about the same as the stronger of black-box poisoning" in weak
+  assert "against 0.12 under FedAvg (no change;" in weak
+
+
+def test_ftl_verdicts_use_the_paired_spread():
+  from experiments import ftl
+  behind, equal, ahead = ftl._verdicts([(10, -0.05, 0.02), (20, -0.01, 0.03), (50, 0.04, 0.01)])
+  assert [g[0] for g in behind] == [10] and [g[0] for g in equal] == [20] and [g[0] for g in ahead] == [50]
+
+
+def test_heterogeneity_findings_count_methods_beating_fedavg():
+  from experiments import heterogeneity as het
+  rows = []
+  for seed in (0, 1):
+    for method, mean, worst in (("fedavg", 0.70, 0.40), ("ifca", 0.75, 0.45), ("fedper", 0.72, 0.35)):
+      rows.append({"dataset": "synthetic", "method": method, "seed": seed, "accuracy": mean,
+                   "mean_client_accuracy": mean + 0.01 * seed, "worst10_client_accuracy": worst, "wall_s": 1.0})
+  text = het.findings({"rows": rows}, het.collect(rows))
+  assert "1 of 2 clustered / personalised methods beat FedAvg on both" in text and ": ifca." in text
+  assert "Best mean: ifca 75.5 % vs FedAvg 70.5 % (+5.0 ± 0.0 points, paired)" in text
+  assert "Largest loss on the worst-10% clients: fedper (-5.0 ± 0.0)" in text
+
+
+def test_privacy_findings_within_noise_and_constant_guess():
+  import math
+  from experiments import privacy
+  rows = []
+  for eps, accs in (("none", (0.805, 0.815)), (1.0, (0.50, 0.52)), (3.0, (0.77, 0.83)), (8.0, (0.80, 0.82)),
+                    (math.inf, (0.81, 0.81))):
+    rows += [{"setting": "hd_patient", "target_epsilon": eps, "seed": s, "accuracy": a, "auc": a,
+              "noise_multiplier_patient": None if eps in ("none", math.inf) else 1.0} for s, a in enumerate(accs)]
+  text = privacy.findings({"rows": rows, "majority_class_rate": {"hd_patient": 0.516}})
+  assert "Within seed noise of the non-private model from ε = 3 on" in text
+  assert "at or below the constant guess at ε = 1" in text
+
+
+def test_inversion_findings_first_dp_level_below_the_mean_image():
+  from experiments import inversion_sweep as isw
+
+  def img(group, setting, psnr, eps=None):
+    return {"group": group, "setting": setting, "psnr_mean": psnr, "ssim_mean": 0.5, "label_accuracy": 1.0,
+            "epsilon_one_upload": eps, "num_attacks": 4, "examples_per_attack": 1, "seconds": 1.0}
+  doc = {"images": [img("reference", "guess the train mean (no attack)", 18.0), img("none", "no defence (base)", 40.0),
+                    img("DP noise z", "z = 1e-4", 21.0, 2e8), img("DP noise z", "z = 1e-3", 7.0, 2e6)],
+         "records": []}
+  text = isw.findings(doc)
+  assert "The first noise level at or below the mean-image guess is z = 1e-3, with a one-upload eps of 2e+06" in text
