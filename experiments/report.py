@@ -30,7 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-RENDERER_MODULES = ["experiments.heart_disease_table", "experiments.perf_tables", "benchmarks.stacked_seeds"]
+RENDERER_MODULES = ["experiments.heart_disease_table", "experiments.perf_tables", "benchmarks.stacked_seeds",
+                    "experiments.heterogeneity_models"]
 _MARKER = re.compile(r"(<!-- BEGIN generated:([\w.-]+) -->\n)(.*?)(<!-- END generated:\2 -->)", re.S)
 
 
