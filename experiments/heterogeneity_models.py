@@ -83,7 +83,7 @@ def collect(rows: list[dict]) -> dict:
   out: dict = {}
   for ds, m in sorted({(r["dataset"], r["method"]) for r in rows}):
     rs = [r for r in rows if (r["dataset"], r["method"]) == (ds, m)]
-    entries = {m: {k: [r[k] for r in rs if k in r] for k in KEEP[:5]}}
+    entries = {m: {k: [r[k] for r in rs if k in r] for k in KEEP[:5] + ("wall_s",)}}
     if m == "fedproto":
       entries["fedproto_nearest"] = {"mean_client_accuracy": [r["proto_mean_client_accuracy"] for r in rs],
                                      "worst10_client_accuracy": [r["proto_worst10_client_accuracy"] for r in rs],
@@ -114,19 +114,20 @@ def markdown_tables(stats: dict) -> str:
     lines += [f"### {NAMES.get(ds, ds)} ({seeds}; accuracy in %, mean ± sd over seeds; gain paired by seed)",
               "",
               "| method | mean client acc | gain vs local only | worst-10% client acc | bytes up / client / round "
-              "| % of FedAvg's upload |" + (" seeds |" if mixed else ""),
-              "|---|---|---|---|---|---|" + ("---|" if mixed else "")]
+              "| % of FedAvg's upload | wall s / run |" + (" seeds |" if mixed else ""),
+              "|---|---|---|---|---|---|---|" + ("---|" if mixed else "")]
     for name in ("hetero_local", "hetero_fedavg", "fedavg", "fedmd", "fd", "feddf", "fedproto", "fedproto_nearest"):
       if name not in s:
         continue
       e = s[name]
       pct = lambda st: f"{100 * st[0]:.1f} ± {100 * st[1]:.1f}"
+      wall = lambda e: f"{e['wall_s'][0]:.0f}" if "wall_s" in e else "-"
       gain = "-" if name == "hetero_local" or "gain_vs_local" not in e else (
           f"{100 * e['gain_vs_local'][0]:+.1f} ± {100 * e['gain_vs_local'][1]:.1f}")
       up = e["bytes_up_per_client"][0]
       share = "-" if not fedavg_up else f"{100 * up / fedavg_up:.2f}%"
       lines.append(f"| {LABELS[name]} | {pct(e['mean_client_accuracy'])} | {gain} | "
-                   f"{pct(e['worst10_client_accuracy'])} | {up:,.0f} | {share} |"
+                   f"{pct(e['worst10_client_accuracy'])} | {up:,.0f} | {share} | {wall(e)} |"
                    + (f" {e['mean_client_accuracy'][2]} |" if mixed else ""))
     lines.append("")
   return "\n".join(lines)
