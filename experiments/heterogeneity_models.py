@@ -110,7 +110,7 @@ def markdown_tables(stats: dict) -> str:
     fedavg_up = s.get("fedavg", {}).get("bytes_up_per_client", [None])[0]
     counts = {v["mean_client_accuracy"][2] for v in s.values()}
     mixed = len(counts) > 1  # an interrupted grid: say how many seeds each row has
-    seeds = f"{max(counts)} seeds" if not mixed else f"{min(counts)}-{max(counts)} seeds, see the seeds column"
+    seeds = (f"{max(counts)} seed" + ("s" if max(counts) > 1 else "")) if not mixed else f"{min(counts)}-{max(counts)} seeds, see the seeds column"
     lines += [f"### {NAMES.get(ds, ds)} ({seeds}; accuracy in %, mean ± sd over seeds; gain paired by seed)",
               "",
               "| method | mean client acc | gain vs local only | worst-10% client acc | bytes up / client / round "
@@ -129,6 +129,10 @@ def markdown_tables(stats: dict) -> str:
       lines.append(f"| {LABELS[name]} | {pct(e['mean_client_accuracy'])} | {gain} | "
                    f"{pct(e['worst10_client_accuracy'])} | {up:,.0f} | {share} | {wall(e)} |"
                    + (f" {e['mean_client_accuracy'][2]} |" if mixed else ""))
+    if mixed or max(counts) < 3 or len(s) < len(LABELS):
+      lines.append(f"\n*Incomplete grid: the rows above are the runs of seeds 0-2 that finished (seeds column / "
+                   f"header); `python experiments/heterogeneity_models.py --datasets={ds}` completes it "
+                   "(finished runs are skipped).*")
     lines.append("")
   return "\n".join(lines)
 
