@@ -3,8 +3,8 @@
 Same methods and models as ``configs/retinamnist_hetero.py`` (CNN 8-16/32, MLP 32, MLP 128-32,
 round robin; public set: MedMNIST's labelled val split of 78 images, or ``public_source=other`` for
 RetinaMNIST images converted to grey, unlabelled); 6 clinics by Dirichlet(0.5) label skew over
-the 546 training images. One local-only run took ~650 s wall on a shared 2-core CPU at load ~23
-(mostly compiling the unrolled CNN).
+the 546 training images. Per-run wall times (compile + rounds + evaluation, per method) are in
+the generated table of docs/model_heterogeneity.md.
 
   python -m launch.main --config=configs/breastmnist_hetero.py --workdir=workdir/breast_fedproto
   python -m launch.main --config=configs/breastmnist_hetero.py --config.algorithm=fd --workdir=workdir/breast_fd

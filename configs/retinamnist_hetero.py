@@ -7,7 +7,7 @@ held): MedMNIST's labelled val split (120 images), disjoint from every clinic's 
 ``--config.dataset.public_source=other`` for out-of-domain unlabelled BreastMNIST images converted
 to RGB (FedDF only: FedMD needs labels). 15 rounds of 10 SGD steps of batch 16; each clinic's own
 model is judged on its own test split. Compile-heavy: the CNN's local steps are unrolled (fast on
-CPU once compiled); a BreastMNIST run took ~650 s wall on a shared 2-core CPU at load ~23.
+CPU once compiled); per-run wall times per method are in docs/model_heterogeneity.md (generated).
 Default FedProto; any of fedmd, fd, feddf, fedproto, hetero_local, hetero_fedavg with
 ``--config.algorithm``; ``fedavg`` trains ``config.model`` (the CNN) everywhere.
 

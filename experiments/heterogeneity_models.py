@@ -31,6 +31,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from experiments import grid, report  # noqa: E402
+
 DATASETS = {
     "heart_disease": "heart_disease_hetero.py",
     "breastmnist": "breastmnist_hetero.py",
@@ -44,6 +45,17 @@ LABELS = {"hetero_local": "local only", "hetero_fedavg": "FedAvg within groups",
 KEEP = ("accuracy", "mean_client_accuracy", "worst10_client_accuracy", "bytes_up_per_client",
         "bytes_down_per_client", "proto_mean_client_accuracy", "proto_worst10_client_accuracy")
 RESULTS = os.path.join(ROOT, "docs", "model_heterogeneity_results.json")
+PUBLISHED = os.path.join(ROOT, "docs", "model_heterogeneity_published.json")
+NAMES = {"heart_disease": "Fed-Heart-Disease", "breastmnist": "BreastMNIST", "retinamnist": "RetinaMNIST"}
+COMM_TARGET = 0.01  # the issue's target: beat local-only uploading <= 1% of FedAvg's bytes
+
+
+def settings_of(dataset: str) -> dict:
+  """Returns the settings of ``dataset``'s grid that the table's caption states (from its config)."""
+  c = load_config(dataset, "fedproto", 0)
+  return {"num_rounds": int(c.num_rounds), "local_steps": int(c.client.num_steps),
+          "batch_size": int(c.client.batch_size), "model_groups": [dict(g) for g in c.hetero.model_groups],
+          "feddf_steps": int(c.hetero.feddf_steps)}
 
 
 def load_config(dataset: str, method: str, seed: int):
@@ -71,7 +83,7 @@ def collect(rows: list[dict]) -> dict:
   out: dict = {}
   for ds, m in sorted({(r["dataset"], r["method"]) for r in rows}):
     rs = [r for r in rows if (r["dataset"], r["method"]) == (ds, m)]
-    entries = {m: {k: [r[k] for r in rs if k in r] for k in KEEP[:5]}}
+    entries = {m: {k: [r[k] for r in rs if k in r] for k in KEEP[:5] + ("wall_s",)}}
     if m == "fedproto":
       entries["fedproto_nearest"] = {"mean_client_accuracy": [r["proto_mean_client_accuracy"] for r in rs],
                                      "worst10_client_accuracy": [r["proto_worst10_client_accuracy"] for r in rs],
@@ -81,6 +93,9 @@ def collect(rows: list[dict]) -> dict:
       gains = [r[key] - by[(ds, "hetero_local", r["seed"])]["mean_client_accuracy"] for r in rs
                if (ds, "hetero_local", r["seed"]) in by]
       stats["gain_vs_local"] = gains
+      stats["gain_vs_group_fedavg"] = [
+          r[key] - by[(ds, "hetero_fedavg", r["seed"])]["mean_client_accuracy"] for r in rs
+          if (ds, "hetero_fedavg", r["seed"]) in by and m != "hetero_fedavg"]
       out.setdefault(ds, {})[name] = {
           k: [float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)] for k, v in stats.items() if v}
   return out
@@ -93,57 +108,119 @@ def markdown_tables(stats: dict) -> str:
       continue
     s = stats[ds]
     fedavg_up = s.get("fedavg", {}).get("bytes_up_per_client", [None])[0]
-    seeds = max(v["mean_client_accuracy"][2] for v in s.values())
-    lines += [f"### {ds} ({seeds} seeds; accuracy in %, mean ± sd over seeds; gain paired by seed)", "",
+    counts = {v["mean_client_accuracy"][2] for v in s.values()}
+    mixed = len(counts) > 1  # an interrupted grid: say how many seeds each row has
+    seeds = (f"{max(counts)} seed" + ("s" if max(counts) > 1 else "")) if not mixed else f"{min(counts)}-{max(counts)} seeds, see the seeds column"
+    lines += [f"### {NAMES.get(ds, ds)} ({seeds}; accuracy in %, mean ± sd over seeds; gain paired by seed)",
+              "",
               "| method | mean client acc | gain vs local only | worst-10% client acc | bytes up / client / round "
-              "| % of FedAvg's upload |",
-              "|---|---|---|---|---|---|"]
+              "| % of FedAvg's upload | wall s / run |" + (" seeds |" if mixed else ""),
+              "|---|---|---|---|---|---|---|" + ("---|" if mixed else "")]
     for name in ("hetero_local", "hetero_fedavg", "fedavg", "fedmd", "fd", "feddf", "fedproto", "fedproto_nearest"):
       if name not in s:
         continue
       e = s[name]
       pct = lambda st: f"{100 * st[0]:.1f} ± {100 * st[1]:.1f}"
+      wall = lambda e: f"{e['wall_s'][0]:.0f}" if "wall_s" in e else "-"
       gain = "-" if name == "hetero_local" or "gain_vs_local" not in e else (
           f"{100 * e['gain_vs_local'][0]:+.1f} ± {100 * e['gain_vs_local'][1]:.1f}")
       up = e["bytes_up_per_client"][0]
       share = "-" if not fedavg_up else f"{100 * up / fedavg_up:.2f}%"
       lines.append(f"| {LABELS[name]} | {pct(e['mean_client_accuracy'])} | {gain} | "
-                   f"{pct(e['worst10_client_accuracy'])} | {up:,.0f} | {share} |")
+                   f"{pct(e['worst10_client_accuracy'])} | {up:,.0f} | {share} | {wall(e)} |"
+                   + (f" {e['mean_client_accuracy'][2]} |" if mixed else ""))
+    if mixed or max(counts) < 3 or len(s) < len(LABELS):
+      lines.append(f"\n*Incomplete grid: the rows above are the runs of seeds 0-2 that finished (seeds column / "
+                   f"header); `python experiments/heterogeneity_models.py --datasets={ds}` completes it "
+                   "(finished runs are skipped).*")
     lines.append("")
   return "\n".join(lines)
 
 
-def findings(stats: dict) -> str:
-  """Bullets under the table, every figure and comparison computed from the committed stats."""
+def _load(path=RESULTS) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def render_settings(results: dict) -> str:
+  """One line per federation: the rounds, steps and models its rows were run with."""
+  out = []
+  for ds in DATASETS:
+    st = results.get("settings", {}).get(ds)
+    if ds not in results["stats"] or st is None:
+      continue
+    models = ", ".join(g["name"] + ("" if "features" not in g else " " + "-".join(map(str, g["features"])))
+                       + ("" if "hidden" not in g else " " + "-".join(map(str, g["hidden"]))) for g in st["model_groups"])
+    out.append(f"* {NAMES[ds]}: {st['num_rounds']} rounds of {st['local_steps']} local steps (batch "
+               f"{st['batch_size']}); groups {models}; FedDF {st['feddf_steps']} distillation steps per group "
+               "per round.")
+  return "\n".join(out)
+
+
+def targets(stats: dict) -> list[dict]:
+  """Per federation: the methods that beat local-only at <= 1% of FedAvg's upload, and FedDF vs FedAvg within groups."""
   out = []
   for ds in DATASETS:
     if ds not in stats:
       continue
     s = stats[ds]
-    fedavg_up = s.get("fedavg", {}).get("bytes_up_per_client", [None])[0]
-    rows = [n for n in ("hetero_fedavg", "fedavg", "fedmd", "fd", "feddf", "fedproto", "fedproto_nearest")
-            if n in s and "gain_vs_local" in s[n]]
-    gain = lambda n: s[n]["gain_vs_local"]
-    clear = [n for n in rows if gain(n)[0] > gain(n)[1]]
-    best = max(rows, key=lambda n: s[n]["mean_client_accuracy"][0])
-    parts = [f"{LABELS[n]} {100 * gain(n)[0]:+.1f} ± {100 * gain(n)[1]:.1f}" +
-             (f" at {100 * s[n]['bytes_up_per_client'][0] / fedavg_up:.2f}% of FedAvg's upload" if fedavg_up else "")
-             for n in rows]
-    out.append(f"* **{ds}**, mean client accuracy gain over local-only training (points, paired by seed): "
-               + "; ".join(parts) + ".")
-    out.append(f"* Highest mean client accuracy: {LABELS[best]} ({100 * s[best]['mean_client_accuracy'][0]:.1f} %). "
-               f"Gains larger than their seed sd: {', '.join(LABELS[n] for n in clear) or 'none'}; for the others "
-               f"the spread over seeds is at least as large as the gain.")
-  return "\n".join(out)
+    if not {"fedavg", "feddf", "hetero_fedavg", "hetero_local"} <= set(s):
+      continue  # the baselines the targets compare with are not run yet
+    fedavg_up = s["fedavg"]["bytes_up_per_client"][0]
+    cheap = []
+    for name in ("fedmd", "fd", "fedproto", "fedproto_nearest"):
+      e = s.get(name)
+      if e is None or "gain_vs_local" not in e:
+        continue
+      share = e["bytes_up_per_client"][0] / fedavg_up
+      if share <= COMM_TARGET and e["gain_vs_local"][0] > 0:
+        cheap.append((name, e["gain_vs_local"], share))
+    df, gf = s["feddf"], s["hetero_fedavg"]
+    paired = df.get("gain_vs_group_fedavg")
+    diff = paired if paired else [df["mean_client_accuracy"][0] - gf["mean_client_accuracy"][0], None, 0]
+    out.append({"dataset": ds, "cheap_winners": cheap, "feddf_vs_group_fedavg": diff,
+                "seeds": df["mean_client_accuracy"][2]})
+  return out
 
 
-def _stats() -> dict:
-  with open(RESULTS) as f:
-    return json.load(f)["stats"]
+def render_targets(results: dict) -> str:
+  """The issue's two targets, per federation, in words generated from the committed stats."""
+  lines = []
+  for t in targets(results["stats"]):
+    name = NAMES[t["dataset"]]
+    if t["cheap_winners"]:
+      wins = "; ".join(f"{LABELS[n]} {100 * g[0]:+.1f} ± {100 * g[1]:.1f} points at {100 * sh:.2f}% of FedAvg's upload"
+                       + (", a mean gain within the spread over seeds" if g[0] <= g[1] else "")
+                       for n, g, sh in t["cheap_winners"])
+      first = f"beats local-only on mean client accuracy within 1% of FedAvg's upload: **yes** ({wins})"
+    else:
+      first = "beats local-only on mean client accuracy within 1% of FedAvg's upload: **no** method does"
+    d = t["feddf_vs_group_fedavg"]
+    how = (f"{100 * d[0]:+.1f} ± {100 * d[1]:.1f} points, paired by seed" if d[1] is not None
+           else f"{100 * d[0]:+.1f} points, difference of the means")
+    verdict = "**yes**" if d[0] >= 0 else "**no**"
+    lines.append(f"* {name} ({t['seeds']} seeds): {first}. FedDF matches or beats FedAvg within groups: {verdict} ({how}).")
+  return "\n".join(lines)
 
 
-report.register("model_heterogeneity", lambda: markdown_tables(_stats()).rstrip("\n"), sources=(RESULTS,))
-report.register("model_heterogeneity_findings", lambda: findings(_stats()), sources=(RESULTS,))
+def render_published(path=PUBLISHED) -> str:
+  """The papers' headline claims with their settings, from the committed, source-checked JSON."""
+  pub = _load(path)
+  lines = [pub["note"], "", "| method | headline claim (as published) | figures | setting | checked in |",
+           "|---|---|---|---|---|"]
+  for m in pub["methods"]:
+    figs = "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in m["figures"].items()) or "none quoted"
+    st = m["setting"]
+    setting = f"{st['datasets']}; {st['architectures']}; {st['clients']}"
+    lines.append(f"| {m['method']} ({m['paper']}) | {m['claim']} | {figs} | {setting} | {m['checked_in']}; "
+                 f"{m['source']} |")
+  return "\n".join(lines)
+
+
+report.register("model_heterogeneity", lambda: markdown_tables(_load()["stats"]) + "\n" + render_settings(_load()),
+                sources=(RESULTS,))
+report.register("model_heterogeneity_targets", lambda: render_targets(_load()), sources=(RESULTS,))
+report.register("model_heterogeneity_published", render_published, sources=(PUBLISHED,))
 
 
 def main(argv=None):
@@ -181,12 +258,23 @@ def main(argv=None):
     for root, _, files in os.walk(args.out):
       rows += [json.load(open(os.path.join(root, f))) for f in files if f.startswith("seed")]
     rows = [r for r in rows if r["dataset"] in datasets]
-    stats = collect(rows)
+    # Keep the committed stats of the federations not rerun here (each run's raw JSON is not committed).
+    stats, settings = {}, {}
+    if os.path.exists(RESULTS):
+      old = _load()
+      stats = {d: v for d, v in old["stats"].items() if d not in datasets}
+      settings = {d: v for d, v in old.get("settings", {}).items() if d not in datasets}
+    stats.update(collect(rows))
+    settings.update({d: settings_of(d) for d in datasets if d in stats})
     with open(RESULTS, "w") as f:
-      json.dump({"command": "experiments/heterogeneity_models.py", "stats": stats}, f, indent=1)
+      json.dump({"command": "experiments/heterogeneity_models.py", "settings": settings, "stats": stats}, f, indent=1)
+    report.load_renderers()
+    report.update_all()  # the docs and README sections generated from the JSON
   table = markdown_tables(stats)
-  report.update_all(names=("model_heterogeneity", "model_heterogeneity_findings"))
   print(table)
+  if args.report_only:
+    report.load_renderers()
+    print("rewrote:", report.update_all() or "nothing (up to date)")
   return table
 
 

@@ -45,8 +45,16 @@ def tiny_config(algorithm, groups=({"name": "logreg", "binary_single_logit": Fal
   return config
 
 
+_JITTED = {}
+
+
+def jitted(exp):
+  """Returns ``exp``'s jitted round, compiled once per experiment (test_resume.py reuses it)."""
+  return _JITTED.setdefault(id(exp), (exp, jax.jit(exp.round_fn)))[1]
+
+
 def run(exp, rounds=2):
-  fn = jax.jit(exp.round_fn)
+  fn = jitted(exp)
   state, metrics = exp.init_state, None
   for _ in range(rounds):
     state, metrics = fn(state, exp.train, jax.random.key(7))
