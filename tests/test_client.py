@@ -175,21 +175,22 @@ def test_local_train_dynamic_equals_scan_and_runs_only_its_steps():
   the scan over the padded steps; steps past ``length`` are never read (their data is NaN)."""
   model, params, xs, ys, mask = _setup(steps=5)
   mask[4, 1] = False  # an empty step in the middle (Poisson batches): skipped, momentum untouched
-  mask[:, 4] = False
-  xs[:, 4] = np.nan  # past every client's length: reading it would poison the update
+  mask[:, 3] = False  # no client uses step 3 of the plan...
+  mask[:, 4] = True  # ...and step 4 is past every client's length: running it would change the update
+  xs[:, 4] = 100.0
 
   def noisy_grad(p, anchor, x, y, m, key):  # uses the step key: keys must line up with the scan's
     g, loss = client_lib.make_grad_fn(model.example_losses)(p, anchor, x, y, m, key)
     return jax.tree.map(lambda a: a + 0.01 * jax.random.normal(key, a.shape), g), loss
 
   trainer = client_lib.ClientTrainer(noisy_grad, optax.sgd(0.1, momentum=0.9))
+  scan = jax.jit(lambda x, y, m, k: client_lib.local_train(trainer, params, x, y, m, k, num_keys=5))
+  dynamic = jax.jit(lambda x, y, m, k, n: client_lib.local_train_dynamic(
+      trainer, params, lambda t: (x[t], y[t], m[t]), n, 5, k))
   for c in range(xs.shape[0]):
-    length = int(np.max(np.nonzero(mask[c].any(axis=1))[0], initial=-1)) + 1
-    d_ref, a_ref = client_lib.local_train(trainer, params, xs[c, :4], ys[c, :4], mask[c, :4], jax.random.key(c),
-                                          num_keys=5)
-    d, a = jax.jit(lambda n, c=c: client_lib.local_train_dynamic(
-        trainer, params, lambda t: (jnp.asarray(xs[c])[t], jnp.asarray(ys[c])[t], jnp.asarray(mask[c])[t]),
-        n, 5, jax.random.key(c)))(jnp.int32(length))
+    length = int(np.max(np.nonzero(mask[c, :4].any(axis=1))[0], initial=-1)) + 1
+    d_ref, a_ref = scan(xs[c, :4], ys[c, :4], mask[c, :4], jax.random.key(c))
+    d, a = dynamic(xs[c], ys[c], mask[c], jax.random.key(c), jnp.int32(length))
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-6), d, d_ref)
     for k in ("loss", "num_steps", "num_examples"):
       np.testing.assert_allclose(a[k], a_ref[k], rtol=1e-6, err_msg=k)
