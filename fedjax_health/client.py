@@ -121,6 +121,22 @@ class ClientTrainer:
   unroll: int | bool = 1
 
 
+def _train_step(trainer: ClientTrainer, anchor: Params, ctx: PyTree, p: Params, s, x, y, m, key):
+  """One local step (data transform, gradient, optimiser, projection); a step with no example is a
+  no-op. Returns (params, opt_state, loss, active): the body shared by ``local_train``'s scan and
+  ``local_train_dynamic``'s loop."""
+  k_data, k_grad = jax.random.split(key)
+  if trainer.data_transform is not None:
+    x, y = trainer.data_transform(x, y, m, k_data, ctx)
+  grads, loss = trainer.grad_fn(p, anchor, x, y, m, k_grad)
+  upd, s_new = trainer.optimizer.update(grads, s, p)
+  p_new = optax.apply_updates(p, upd)
+  if trainer.projection is not None:
+    p_new = trainer.projection(p_new, anchor, ctx)
+  active = jnp.any(m)
+  return tree_where(active, p_new, p), tree_where(active, s_new, s), loss, active
+
+
 def local_train(trainer: ClientTrainer, params: Params, xs: jax.Array, ys: jax.Array, mask: jax.Array,
                 rng: jax.Array, ctx: PyTree = None, num_keys: int | None = None) -> tuple[Params, dict]:
   """Returns (update = new params - params, aux) after scanning over ``xs.shape[0]`` steps.
@@ -137,18 +153,8 @@ def local_train(trainer: ClientTrainer, params: Params, xs: jax.Array, ys: jax.A
   opt_state = trainer.optimizer.init(params)
 
   def step(carry, inp):
-    p, s = carry
-    x, y, m, key = inp
-    k_data, k_grad = jax.random.split(key)
-    if trainer.data_transform is not None:
-      x, y = trainer.data_transform(x, y, m, k_data, ctx)
-    grads, loss = trainer.grad_fn(p, anchor, x, y, m, k_grad)
-    upd, s_new = trainer.optimizer.update(grads, s, p)
-    p_new = optax.apply_updates(p, upd)
-    if trainer.projection is not None:
-      p_new = trainer.projection(p_new, anchor, ctx)
-    active = jnp.any(m)
-    return (tree_where(active, p_new, p), tree_where(active, s_new, s)), (loss, active)
+    p, s, loss, active = _train_step(trainer, anchor, ctx, *carry, *inp)
+    return (p, s), (loss, active)
 
   keys = jax.random.split(rng, num_keys or xs.shape[0])[:xs.shape[0]]
   (p, _), (losses, active) = jax.lax.scan(step, (params, opt_state), (xs, ys, mask, keys), unroll=trainer.unroll)
@@ -166,8 +172,9 @@ def local_train_dynamic(trainer: ClientTrainer, params: Params, get_step: Callab
 
   ``get_step(t) -> (x, y, mask)`` returns step t's ``[batch, ...]`` arrays (gathered inside the loop,
   so a client with 2 steps reads and trains 2 steps whatever ``num_steps``, the plan's padded length).
-  Step t uses ``split(rng, num_steps)[t]`` and the same update as ``local_train``; the steps past
-  ``length`` are masked in the plan, so the result equals ``local_train`` on the padded arrays.
+  Step t uses ``split(rng, num_steps)[t]`` and the same step as ``local_train`` (``_train_step``);
+  the steps past ``length`` are masked in the plan, so the result equals ``local_train`` on the padded
+  arrays.
   """
   anchor = params
   opt_state = trainer.optimizer.init(params)
@@ -176,22 +183,7 @@ def local_train_dynamic(trainer: ClientTrainer, params: Params, get_step: Callab
   def step(t, carry):
     p, s, losses, actives, n = carry
     x, y, m = get_step(t)
-    k_data, k_grad = jax.random.split(keys[t])
-    if trainer.data_transform is not None:
-      x, y = trainer.data_transform(x, y, m, k_data, ctx)
-    grads, loss = trainer.grad_fn(p, anchor, x, y, m, k_grad)
-    active = jnp.any(m)
-
-    def update(ps):
-      p, s = ps
-      upd, s_new = trainer.optimizer.update(grads, s, p)
-      p_new = optax.apply_updates(p, upd)
-      if trainer.projection is not None:
-        p_new = trainer.projection(p_new, anchor, ctx)
-      return p_new, s_new
-
-    # a cond, not a select: an empty step (DP-SGD's Poisson batches) costs no pass over the weights
-    p, s = jax.lax.cond(active, update, lambda ps: ps, (p, s))
+    p, s, loss, active = _train_step(trainer, anchor, ctx, p, s, x, y, m, keys[t])
     return p, s, losses.at[t].set(loss), actives.at[t].set(active), n + jnp.sum(m).astype(jnp.float32)
 
   # zeros_like(length) keeps its varying-ness under shard_map (the loop carry must not change type).
