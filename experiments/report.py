@@ -31,6 +31,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 RENDERER_MODULES = ["experiments.heart_disease_table", "experiments.perf_tables", "benchmarks.stacked_seeds",
+                    "benchmarks.sweep",
                     "experiments.security_report", "experiments.heterogeneity", "experiments.inversion_sweep",
                     "experiments.inversion_native", "experiments.privacy", "experiments.ftl",
                     "experiments.heterogeneity_models"]

@@ -10,6 +10,11 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.num_seeds = 1  # > 1: seeds seed..seed+k-1 as one vmapped program (fedjax_health/stacked_seeds.py)
+  # One hyperparameter's values (x num_seeds) as one vmapped program (fedjax_health/sweep.py), e.g.
+  # --config.sweep.field=client.learning_rate --config.sweep.values="(0.01, 0.1)". "": no sweep.
+  config.sweep = ml_collections.ConfigDict()
+  config.sweep.field = ""
+  config.sweep.values = ()
   config.mode = "train"  # train | modes registered by plugins (e.g. inversion)
   config.algorithm = "fedavg"  # fedavg | fedprox | fedopt | local | pooled (+ registered extensions)
   config.num_rounds = 15

@@ -16,6 +16,7 @@ PLUGIN_MODULES = [
     "fedjax_health.attacks.attack_defense",
     "fedjax_health.transfer.experiment",
     "fedjax_health.stacked_seeds",
+    "fedjax_health.sweep",
     "fedjax_health.algorithms.fedopt_checks",
     "fedjax_health.heterogeneous.algorithms",
 ]

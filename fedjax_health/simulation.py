@@ -221,7 +221,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
 def run_training(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print) -> dict:
   """Validates ``config``, runs the simulation, writes outputs to ``workdir``; returns the summary."""
   validate_config(config)
-  if config.get("num_seeds", 1) > 1:  # k seeds as one vmapped program
+  from fedjax_health import sweep  # a plugin module (config.sweep)
+  if config.get("num_seeds", 1) > 1 or sweep.active(config):  # k seeds / swept values as one vmapped program
     from fedjax_health import stacked_seeds
     return stacked_seeds.run_training(config, workdir, log)
   data = data_registry.load_data(config.dataset, seed=config.seed)

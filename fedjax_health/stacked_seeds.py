@@ -87,12 +87,29 @@ def mean_sd(dicts: list[dict]) -> tuple[dict, dict]:
   return mean, sd
 
 
+def member_name(name: str, label: str, seed: int) -> str:
+  """The metrics.jsonl experiment of one member: ``<name>/seed<s>`` or ``<name>/<label>/seed<s>``."""
+  return f"{name}/{label}/seed{seed}" if label else f"{name}/seed{seed}"
+
+
+def group_name(name: str, label: str) -> str:
+  """The summary key of one swept value (mean over seeds): ``<name>`` or ``<name>[<label>]``."""
+  return f"{name}[{label}]" if label else name
+
+
 def run_stacked(experiments: list, seeds: list[int], config, log: Callable[[str], None],
-                write_row: Callable[[dict], None], workdir: str | None = None) -> list[dict]:
-  """Runs the same experiment built for each seed (``experiments[i]`` for ``seeds[i]``) as one vmapped
-  program for ``config.num_rounds`` rounds; returns each seed's final evaluation."""
+                write_row: Callable[[dict], None], workdir: str | None = None, labels: list[str] | None = None,
+                rebuild: Callable | None = None, hparams: dict | None = None) -> list[dict]:
+  """Runs the same experiment built for each member (``experiments[i]`` for ``seeds[i]``) as one vmapped
+  program for ``config.num_rounds`` rounds; returns each member's final evaluation.
+
+  ``labels[i]`` names member i's swept value ("" without a sweep); with a sweep, ``rebuild(h)`` returns
+  the round function built with ``h`` (config path -> traced scalar) and ``hparams`` holds each
+  path's values ``[members]``, vmapped with the state and keys.
+  """
   from fedjax_health.simulation import _to_json  # the simulation loop's JSON conversion
   exp0 = experiments[0]
+  labels = labels or [""] * len(seeds)
   names = {e.name for e in experiments}
   if len(names) != 1:
     raise ValueError(f"stacked seeds must build the same experiment, got {sorted(names)}")
@@ -103,10 +120,21 @@ def run_stacked(experiments: list, seeds: list[int], config, log: Callable[[str]
   k = len(seeds)
   state = stack_trees([e.init_state for e in experiments])
   keys = jnp.stack([jax.random.key_data(jax.random.key(s + 1)) for s in seeds])
-  round_fn = jax.jit(jax.vmap(lambda s, t, key: exp0.round_fn(s, t, jax.random.wrap_key_data(key)),
-                              in_axes=(0, None, 0)), donate_argnums=(0,))
+  if rebuild is None:
+    vmapped = jax.vmap(lambda s, t, key: exp0.round_fn(s, t, jax.random.wrap_key_data(key)), in_axes=(0, None, 0))
+    step = jax.jit(vmapped, donate_argnums=(0,))
+    round_fn = lambda s, t, key: step(s, t, key)
+  else:
+    hp = {path: jnp.asarray(v, jnp.float32) for path, v in hparams.items()}
+    vmapped = jax.vmap(lambda h, s, t, key: rebuild(h)(s, t, jax.random.wrap_key_data(key)),
+                       in_axes=(0, 0, None, 0))
+    step = jax.jit(vmapped, donate_argnums=(1,))
+    round_fn = lambda s, t, key: step(hp, s, t, key)
+  groups = list(dict.fromkeys(labels))  # swept values in order
+  what = f"{k} members ({len(groups)} values x seeds {seeds[0]}..{seeds[-1]})" if labels[0] else (
+      f"{k} seeds {seeds[0]}..{seeds[-1]}")
   if exp0.round_path:
-    log(f"[{exp0.name}] client training path: {exp0.round_path}; {k} seeds {seeds[0]}..{seeds[-1]} in one program")
+    log(f"[{exp0.name}] client training path: {exp0.round_path}; {what} in one program")
   finals, t0, t_prev = [{} for _ in seeds], time.time(), time.time()
   for r in range(1, config.num_rounds + 1):
     state, metrics = round_fn(state, exp0.train, keys)
@@ -116,24 +144,32 @@ def run_stacked(experiments: list, seeds: list[int], config, log: Callable[[str]
       rows = []
       for i, s in enumerate(seeds):
         finals[i] = experiments[i].evaluate(seed_slice(state, i))
-        row = {"experiment": f"{exp0.name}/seed{s}", "round": r, "seed": s, "time_s": round(now - t0, 3)}
+        row = {"experiment": member_name(exp0.name, labels[i], s), "round": r, "seed": s,
+               "time_s": round(now - t0, 3)}
+        if labels[i]:
+          field, value = labels[i].split("=", 1)
+          row[field] = float(value)
         row.update({key: _to_json(v[i]) for key, v in metrics.items()})
         row.update(finals[i])
         rows.append(row)
         write_row(row)
-      mean, sd = mean_sd(rows)
-      agg = {"experiment": f"{exp0.name}/mean", "round": r, "num_seeds": k, "time_s": round(now - t0, 3)}
-      agg.update({key: v for key, v in mean.items() if key not in ("round", "seed", "time_s")})
-      agg.update({f"{key}_sd": v for key, v in sd.items() if key not in ("round", "seed", "time_s")})
-      write_row(agg)
-      log(f"[{exp0.name}] round {r:4d}/{config.num_rounds} over {k} seeds: "
-          f"acc={agg.get('accuracy', float('nan')):.3f}+-{agg.get('accuracy_sd', float('nan')):.3f} "
-          f"train_loss={agg.get('train_loss', float('nan')):.4f} "
-          f"(round {now - t_prev:.2f}s, total {now - t0:.1f}s)")
+      for g in groups:
+        members = [row for row, lab in zip(rows, labels) if lab == g]
+        mean, sd = mean_sd(members)
+        agg = {"experiment": f"{exp0.name}/{g}/mean" if g else f"{exp0.name}/mean", "round": r,
+               "num_seeds": len(members), "time_s": round(now - t0, 3)}
+        agg.update({key: v for key, v in mean.items() if key not in ("round", "seed", "time_s")})
+        agg.update({f"{key}_sd": v for key, v in sd.items() if key not in ("round", "seed", "time_s")})
+        write_row(agg)
+        log(f"[{exp0.name}{' ' + g if g else ''}] round {r:4d}/{config.num_rounds} over {len(members)} seeds: "
+            f"acc={agg.get('accuracy', float('nan')):.3f}+-{agg.get('accuracy_sd', float('nan')):.3f} "
+            f"train_loss={agg.get('train_loss', float('nan')):.4f} "
+            f"(round {now - t_prev:.2f}s, total {now - t0:.1f}s)")
       t_prev = now
   if workdir is not None:
     for i, s in enumerate(seeds):
-      checkpointing.save_params_npz(os.path.join(workdir, f"final_params_{exp0.name}_seed{s}.npz"),
+      tag = f"{labels[i]}_seed{s}" if labels[i] else f"seed{s}"
+      checkpointing.save_params_npz(os.path.join(workdir, f"final_params_{exp0.name}_{tag}.npz"),
                                     exp0.params_of(seed_slice(state, i)))
   return finals
 
@@ -162,30 +198,61 @@ def plot_mean_sd(rows: list[dict], path: str, keys=("accuracy", "mean_client_acc
 
 
 def run_training(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print) -> dict:
-  """``simulation.run_training`` for ``config.num_seeds > 1``: builds every seed, runs them stacked."""
+  """``simulation.run_training`` for ``config.num_seeds > 1`` or a sweep (``fedjax_health/sweep.py``):
+  builds every member, runs them stacked."""
   from fedjax_health.config_validation import validate_config
   from fedjax_health.data import registry as data_registry
   from fedjax_health import simulation
+  from fedjax_health import sweep
+  from fedjax_health import workdir as workdir_lib
   validate_config(config)
-  seeds = [config.seed + i for i in range(config.num_seeds)]
-  per_seed = []
-  for s in seeds:
-    c = ml_collections.ConfigDict(config.to_dict())
-    c.seed = s
-    data = data_registry.load_data(c.dataset, seed=s)
-    if s == seeds[0]:
-      validate_config(c, data)
-      first_data = data
+  members = sweep.member_configs(config)
+  labels = [lab for lab, _, _, _ in members]
+  seeds = [s for _, _, s, _ in members]
+  data_by_seed, per_member = {}, []
+  for i, (lab, value, s, c) in enumerate(members):
+    if s not in data_by_seed:
+      data_by_seed[s] = data_registry.load_data(c.dataset, seed=s)
+    data = data_by_seed[s]
+    try:
+      validate_config(c, data)  # each swept value, checked as its own run would be
+    except ValueError as e:
+      raise ValueError(f"config.sweep.values: the member {lab} fails its own checks: {e}") if lab else e
     model = simulation.build_model(c, data)
-    per_seed.append(simulation.ALGORITHMS[c.algorithm](c, data, model))
+    if i == 0:
+      first_data, first_model, first_config = data, model, c
+    per_member.append(simulation.ALGORITHMS[c.algorithm](c, data, model))
+  rebuilds, hparams = [None] * len(per_member[0]), None
+  if sweep.active(config):
+    leaves = [sweep.traced_leaves(c, data_by_seed[s]) for _, _, s, c in members]
+    hparams = {path: [leaf[path] for leaf in leaves] for path in leaves[0]}
+
+    def make_rebuild(j):
+      def rebuild(h):
+        # Host-side work of the builder (model init, checks on numbers, device data) runs eagerly;
+        # only what reads the swept value `h` is traced into the round.
+        tc = sweep.traced_config(first_config, h)
+        with jax.ensure_compile_time_eval():
+          return simulation.ALGORITHMS[tc.algorithm](tc, first_data, first_model)[j].round_fn
+      return rebuild
+
+    rebuilds = [make_rebuild(j) for j in range(len(per_member[0]))]
+  workdir_lib.prepare(workdir, config)  # refuses a workdir of another config (config.overwrite: clears it)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
   rows: list[dict] = []
+  swept = f" sweep {config.sweep.field} over {list(config.sweep['values'])} x" if sweep.active(config) else ""
+  uniq_seeds = sorted(set(seeds))
   log(f"dataset={first_data.name} clients={first_data.num_clients} algorithm={config.algorithm} "
-      f"rounds={config.num_rounds} seeds={seeds[0]}..{seeds[-1]} (one vmapped program) backend={jax.default_backend()}")
+      f"rounds={config.num_rounds}{swept} seeds={uniq_seeds[0]}..{uniq_seeds[-1]} (one vmapped program) "
+      f"backend={jax.default_backend()}")
   t0 = time.time()
-  finals = {}
+  summary = {
+      "algorithm": config.algorithm, "dataset": first_data.name, "num_rounds": config.num_rounds,
+      "seed": config.seed, "num_seeds": config.num_seeds, "seeds": uniq_seeds,
+      "experiments": {}, "experiments_sd": {}, "per_seed": {},
+  }
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as mf:
 
     def write_row(row):
@@ -193,18 +260,36 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, log: Callable[
       mf.write(json.dumps(row) + "\n")
       mf.flush()
 
-    for exps in zip(*per_seed):
-      finals[exps[0].name] = run_stacked(list(exps), seeds, config, log, write_row, workdir)
-  summary = {
-      "algorithm": config.algorithm, "dataset": first_data.name, "num_rounds": config.num_rounds,
-      "seed": config.seed, "num_seeds": config.num_seeds, "seeds": seeds,
-      "wall_time_s": round(time.time() - t0, 2),
-      "experiments": {}, "experiments_sd": {}, "per_seed": finals,
-  }
-  for name, evals in finals.items():
-    summary["experiments"][name], summary["experiments_sd"][name] = mean_sd(evals)
+    for j, exps in enumerate(zip(*per_member)):
+      finals = run_stacked(list(exps), seeds, config, log, write_row, workdir, labels, rebuilds[j], hparams)
+      for g in dict.fromkeys(labels):
+        evals = [f for f, lab in zip(finals, labels) if lab == g]
+        key = group_name(exps[0].name, g)
+        summary["per_seed"][key] = evals
+        summary["experiments"][key], summary["experiments_sd"][key] = mean_sd(evals)
+  summary["wall_time_s"] = round(time.time() - t0, 2)
+  if sweep.active(config):
+    summary["sweep"] = sweep_summary(config, summary["experiments"])
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   plot_mean_sd(rows, os.path.join(workdir, "learning_curves.png"))
-  log("\n" + simulation.format_table(summary) + f"\n(mean over {len(seeds)} seeds; sd in summary.json)")
+  log("\n" + simulation.format_table(summary) + f"\n(mean over {len(uniq_seeds)} seeds; sd in summary.json)")
+  if "sweep" in summary:
+    log(f"best {config.sweep.field} by final {summary['sweep']['by']}: {summary['sweep']['best']}")
   return summary
+
+
+def sweep_summary(config, experiments: dict) -> dict:
+  """The sweep's field, values and, per experiment, the value with the best mean final metric
+  (accuracy if reported, else the lowest loss)."""
+  from fedjax_health import sweep
+  field, values = config.sweep.field, [float(v) for v in config.sweep["values"]]
+  first = next(iter(experiments.values()))
+  by, sign = ("accuracy", 1.0) if "accuracy" in first else ("loss", -1.0)
+  best = {}
+  for name in dict.fromkeys(k.split("[", 1)[0] for k in experiments):
+    scored = [(sign * experiments[group_name(name, sweep.label(field, v))].get(by, float("nan")), v) for v in values]
+    scored = [(score, v) for score, v in scored if np.isfinite(score)]
+    best[name] = max(scored)[1] if scored else None
+  return {"field": field, "values": values, "by": by,
+          "best": best if len(best) > 1 else next(iter(best.values()))}

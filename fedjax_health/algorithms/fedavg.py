@@ -26,6 +26,7 @@ from fedjax_health import step_buckets
 from fedjax_health.aggregators import base as agg_base
 from fedjax_health.algorithms import fedopt as fedopt_lib
 from fedjax_health.data.federated import BatchPlanSpec, make_batch_plan, sample_cohort
+from fedjax_health.traced import is_traced
 
 Params = Any
 
@@ -47,7 +48,7 @@ def server_optimizer(name: str, learning_rate: float = 1.0, b1: float = 0.9, b2:
   starting at ``initial_accumulator``, default tau^2). ``form="optax"``: optax's bias-corrected
   adam, yogi, and momentum-free adagrad (accumulator starting at tau^2).
   """
-  if learning_rate <= 0:
+  if not is_traced(learning_rate) and learning_rate <= 0:
     raise ValueError(f"server learning_rate must be > 0, got {learning_rate}")
   if form not in ("reddi", "optax"):
     raise ValueError(f"server form must be 'reddi' or 'optax', got {form!r}")
@@ -66,7 +67,7 @@ def server_optimizer(name: str, learning_rate: float = 1.0, b1: float = 0.9, b2:
 
 def client_optimizer(name: str, learning_rate: float, momentum: float = 0.0) -> optax.GradientTransformation:
   """Returns the local optimiser: ``sgd`` (optionally with momentum) or ``adam``."""
-  if learning_rate <= 0:
+  if not is_traced(learning_rate) and learning_rate <= 0:
     raise ValueError(f"client learning_rate must be > 0, got {learning_rate}")
   if name == "sgd":
     return client_lib.sgd(learning_rate, momentum)

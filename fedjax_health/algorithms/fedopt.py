@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_health.traced import is_traced
+
 WEIGHTINGS = ("examples_used", "dataset_size", "uniform")
 ADAPTIVE = ("adam", "yogi", "adagrad")
 
@@ -82,7 +84,7 @@ def scale_by_reddi(kind: str, b1: float = 0.9, b2: float = 0.99, tau: float = 1e
 def reddi(kind: str, learning_rate: float, b1: float = 0.9, b2: float = 0.99, tau: float = 1e-3,
           initial_accumulator: float | None = None) -> optax.GradientTransformation:
   """Returns FedAdam/FedYogi/FedAdagrad's server step (Reddi et al. 2021, Algorithm 2) on pseudo-gradients."""
-  if learning_rate <= 0:
+  if not is_traced(learning_rate) and learning_rate <= 0:
     raise ValueError(f"server learning_rate must be > 0, got {learning_rate}")
   return optax.chain(scale_by_reddi(kind, b1, b2, tau, initial_accumulator), optax.scale(-learning_rate))
 

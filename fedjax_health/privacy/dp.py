@@ -29,11 +29,14 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_health import context
+from fedjax_health.traced import is_traced
 from fedjax_health.aggregators.base import (Aggregator, EmptyState, StreamingAggregator, UpdateTransform, client_norms,
                                            stacked, weighted_sum)
 
 
 def _positive(value: float, name: str) -> float:
+  if is_traced(value):  # a sweep's member, checked on the host before tracing (fedjax_health/sweep.py)
+    return value
   if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
     raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
   return float(value)
@@ -124,7 +127,7 @@ def central_gaussian_streaming(clip_norm: float, noise_multiplier: float, denomi
   on stacked updates. ``noise_multiplier=0`` is the noiseless twin (``clipped_fixed_mean``).
   """
   clip_norm = _positive(clip_norm, "clip_norm")
-  if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+  if not is_traced(noise_multiplier) and not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
     raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
   denominator = _positive(denominator, "denominator")
   std = noise_multiplier * clip_norm

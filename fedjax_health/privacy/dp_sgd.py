@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_health.privacy.dp import gaussian_like
+from fedjax_health.traced import is_traced
 
 
 def per_example_grads(example_losses: Callable, params, x: jax.Array, y: jax.Array):
@@ -63,11 +64,14 @@ def dp_sgd_grad_fn(example_losses: Callable, clip_norm: float, noise_multiplier:
   """
   if not clip_norm > 0:
     raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
-  if noise_multiplier is not None and not noise_multiplier > 0:
+  if noise_multiplier is not None and not is_traced(noise_multiplier) and not noise_multiplier > 0:
     raise ValueError(f"noise_multiplier must be > 0 (or None for no noise), got {noise_multiplier}")
   if not denominator > 0:
     raise ValueError(f"denominator must be > 0, got {denominator}")
-  std = 0.0 if noise_multiplier is None else float(noise_multiplier) * float(clip_norm)
+  if noise_multiplier is None:
+    std = 0.0
+  else:  # a traced z: one member of a sweep (fedjax_health/sweep.py)
+    std = (noise_multiplier if is_traced(noise_multiplier) else float(noise_multiplier)) * float(clip_norm)
   reg_grad = jax.grad(regularizer) if regularizer is not None else None
 
   def grad_fn(params, anchor, x, y, mask, rng):
@@ -75,7 +79,7 @@ def dp_sgd_grad_fn(example_losses: Callable, clip_norm: float, noise_multiplier:
       x, y, mask = x[:-1], y[:-1], mask[:-1]
     grads = per_example_grads(example_losses, params, x, y)
     total, _ = clipped_sum(grads, mask, clip_norm)
-    if std > 0:
+    if noise_multiplier is not None:
       total = jax.tree.map(jnp.add, total, gaussian_like(rng, total, std))
     out = jax.tree.map(lambda t: t / denominator, total)
     if reg_grad is not None:

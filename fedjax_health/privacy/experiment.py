@@ -31,6 +31,7 @@ from fedjax_health.algorithms.registry import build_fedavg_algorithm
 from fedjax_health.config_validation import register_check, require
 from fedjax_health.privacy import accounting, dp, dp_sgd, secagg
 from fedjax_health.simulation import Experiment, make_global_evaluate, register_algorithm
+from fedjax_health.traced import is_traced
 
 MECHANISMS = ("none", "central", "local", "distributed")
 SAMPLINGS = ("poisson", "fixed")
@@ -142,7 +143,8 @@ def _resolve_noise(level, make_event, delta, accountant) -> float | None:
     return None
   if mode == "calibrate":
     return accounting.calibrate_noise_multiplier(make_event, float(level.target_epsilon), delta, accountant)
-  return float(level.noise_multiplier)
+  z = level.noise_multiplier
+  return z if is_traced(z) else float(z)  # traced: one member of a sweep (fedjax_health/sweep.py)
 
 
 def build_privacy(config, data) -> dict:
