@@ -33,18 +33,25 @@ def available_bytes() -> int:
 
 
 def estimate_round_bytes(num_params: int, data_bytes: int, cohort: int, width: int, batch_bytes: int,
-                         stacked: bool) -> int:
-  """Returns a conservative estimate of a round's peak bytes (see the module docstring)."""
+                         stacked: bool, members: int = 1) -> int:
+  """Returns a conservative estimate of a round's peak bytes (see the module docstring).
+
+  ``members`` > 1: that many rounds vmapped in one program (seeds, sweep values) share the data and
+  each hold their own working set at once.
+  """
   width = min(width, cohort)
   per_client = 6 * 4 * num_params + 4 * batch_bytes
-  total = data_bytes + width * per_client
+  working = width * per_client
   if stacked:
-    total += 4 * 4 * num_params * cohort
-  return int(total)
+    working += 4 * 4 * num_params * cohort
+  return int(data_bytes + members * working)
 
 
-def check_round_fits(config, data, model, stacked: bool = False) -> int:
-  """Raises ValueError naming the fields to change when the estimated round cannot fit memory."""
+def check_round_fits(config, data, model, stacked: bool = False, members: int = 1) -> int:
+  """Raises ValueError naming the fields to change when the estimated round cannot fit memory.
+
+  ``members``: rounds vmapped together (``config.num_seeds`` x the sweep's values).
+  """
   params = jax.eval_shape(model.init, jax.random.key(0))
   num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
   data_bytes = sum(v.nbytes for v in data.train.arrays.values()) + sum(v.nbytes for v in data.test.arrays.values())
@@ -53,7 +60,7 @@ def check_round_fits(config, data, model, stacked: bool = False) -> int:
   example_bytes = int(np.prod(data.input_shape)) * 4
   steps = max(c.num_steps, 1) if c.num_epochs == 0 else math.ceil(c.num_epochs * data.train.client_sizes.max() / c.batch_size)
   batch_bytes = steps * c.batch_size * example_bytes
-  need = estimate_round_bytes(num_params, data_bytes, cohort, config.clients_per_step, batch_bytes, stacked)
+  need = estimate_round_bytes(num_params, data_bytes, cohort, config.clients_per_step, batch_bytes, stacked, members)
   have = available_bytes()
   lowrank_width = config.get("lowrank_width", 0)
   if lowrank_width and config.get("fast_path", "auto") != "off":
@@ -67,6 +74,8 @@ def check_round_fits(config, data, model, stacked: bool = False) -> int:
   if need > have:
     raise ValueError(
         f"the round is estimated to need {need / 2**30:.1f} GiB but {have / 2**30:.1f} GiB is available "
-        f"(config.cohort_size={cohort}, config.clients_per_step={config.clients_per_step}, {num_params:,} params); "
-        f"lower config.clients_per_step or config.cohort_size")
+        f"(config.cohort_size={cohort}, config.clients_per_step={config.clients_per_step}, {num_params:,} params"
+        + (f", {members} members in one program: config.num_seeds x config.sweep.values" if members > 1 else "")
+        + "); lower config.clients_per_step or config.cohort_size"
+        + (", or run fewer seeds or sweep values at once" if members > 1 else ""))
   return need

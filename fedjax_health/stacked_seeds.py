@@ -10,7 +10,8 @@ Outputs in ``workdir``: ``metrics.jsonl`` with one row per seed (experiment ``<n
 one per experiment with the mean and sd over seeds (experiment ``<name>/mean``, fields ``<metric>``
 and ``<metric>_sd``) at every evaluated round; ``summary.json`` (``experiments``: mean final metrics,
 ``experiments_sd``, ``per_seed``: each seed's final metrics); ``learning_curves.png`` (mean +- sd
-bands); ``final_params_<name>_seed<s>.npz``.
+bands); ``final_params_<name>_seed<s>.npz``; ``tb/`` (TensorBoard: one run per seed and per mean).
+With ``config.sweep`` (``fedjax_health/sweep.py``) the members are (value, seed) pairs.
 
 Not supported (named in the error): algorithms with per-client state or host-side steps
 (clustered, personalised, attacks), checkpoints, sharding, multi-process runs, and datasets whose
@@ -203,7 +204,9 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, log: Callable[
   from fedjax_health.config_validation import validate_config
   from fedjax_health.data import registry as data_registry
   from fedjax_health import simulation
+  from fedjax_health import resources
   from fedjax_health import sweep
+  from fedjax_health import tensorboard
   from fedjax_health import workdir as workdir_lib
   validate_config(config)
   members = sweep.member_configs(config)
@@ -221,6 +224,9 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, log: Callable[
     model = simulation.build_model(c, data)
     if i == 0:
       first_data, first_model, first_config = data, model, c
+    if i == 0:  # every member holds its own round's working set at once
+      streaming = c.algorithm in ("fedavg", "fedprox", "fedopt", "local", "pooled")
+      resources.check_round_fits(c, data, model, stacked=not streaming, members=len(members))
     per_member.append(simulation.ALGORITHMS[c.algorithm](c, data, model))
   rebuilds, hparams = [None] * len(per_member[0]), None
   if sweep.active(config):
@@ -253,12 +259,14 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, log: Callable[
       "seed": config.seed, "num_seeds": config.num_seeds, "seeds": uniq_seeds,
       "experiments": {}, "experiments_sd": {}, "per_seed": {},
   }
+  board = tensorboard.RunBoard(workdir)  # workdir/tb: one TensorBoard run per member and per mean
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as mf:
 
     def write_row(row):
       rows.append(row)
       mf.write(json.dumps(row) + "\n")
       mf.flush()
+      board.write_row(row)
 
     for j, exps in enumerate(zip(*per_member)):
       finals = run_stacked(list(exps), seeds, config, log, write_row, workdir, labels, rebuilds[j], hparams)
@@ -269,27 +277,42 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, log: Callable[
         summary["experiments"][key], summary["experiments_sd"][key] = mean_sd(evals)
   summary["wall_time_s"] = round(time.time() - t0, 2)
   if sweep.active(config):
-    summary["sweep"] = sweep_summary(config, summary["experiments"])
+    summary["sweep"] = sweep_summary(config, summary["experiments"], summary["per_seed"])
+    for key, seeds_out in summary["sweep"]["diverged"].items():
+      log(f"warning: {key} diverged (non-finite final loss) for seeds {seeds_out}; it is not a candidate for "
+          "the best value")
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   plot_mean_sd(rows, os.path.join(workdir, "learning_curves.png"))
+  tensorboard.finish_training(board, rows, summary, workdir)
   log("\n" + simulation.format_table(summary) + f"\n(mean over {len(uniq_seeds)} seeds; sd in summary.json)")
   if "sweep" in summary:
     log(f"best {config.sweep.field} by final {summary['sweep']['by']}: {summary['sweep']['best']}")
   return summary
 
 
-def sweep_summary(config, experiments: dict) -> dict:
-  """The sweep's field, values and, per experiment, the value with the best mean final metric
-  (accuracy if reported, else the lowest loss)."""
+def sweep_summary(config, experiments: dict, per_seed: dict | None = None) -> dict:
+  """The sweep's field, values, members that diverged and, per experiment, the value with the best
+  mean final metric (accuracy if reported, ties to the lower loss; else the lowest loss) among values
+  where no seed diverged
+  (a non-finite final loss: a diverged model can still score a majority-class accuracy)."""
   from fedjax_health import sweep
   field, values = config.sweep.field, [float(v) for v in config.sweep["values"]]
   first = next(iter(experiments.values()))
   by, sign = ("accuracy", 1.0) if "accuracy" in first else ("loss", -1.0)
+  seeds = [config.seed + i for i in range(config.get("num_seeds", 1))]
+  diverged = {}
+  for key, evals in (per_seed or {}).items():
+    bad = [s for s, m in zip(seeds, evals) if not np.isfinite(m.get("loss", 0.0))]
+    if bad:
+      diverged[key] = bad
   best = {}
   for name in dict.fromkeys(k.split("[", 1)[0] for k in experiments):
-    scored = [(sign * experiments[group_name(name, sweep.label(field, v))].get(by, float("nan")), v) for v in values]
-    scored = [(score, v) for score, v in scored if np.isfinite(score)]
-    best[name] = max(scored)[1] if scored else None
-  return {"field": field, "values": values, "by": by,
+    keys = [(group_name(name, sweep.label(field, v)), v) for v in values]
+    # ties on accuracy go to the lower loss
+    scored = [(sign * experiments[k].get(by, float("nan")), -experiments[k].get("loss", 0.0), v)
+              for k, v in keys if k not in diverged]
+    scored = [t for t in scored if np.isfinite(t[0]) and np.isfinite(t[1])]
+    best[name] = max(scored)[2] if scored else None
+  return {"field": field, "values": values, "by": by, "diverged": diverged,
           "best": best if len(best) > 1 else next(iter(best.values()))}

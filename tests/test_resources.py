@@ -35,3 +35,22 @@ def test_lowrank_chunk_that_cannot_fit_fails_before_compiling(tmp_path):
   config.lowrank_width = 10**12  # clients per low-rank chunk: no machine holds their factors
   with pytest.raises(ValueError, match=r"low-rank chunk .*lower config.lowrank_width"):
     simulation.run(config, str(tmp_path))
+
+
+def test_members_of_one_program_multiply_the_working_set_not_the_data(tmp_path):
+  a = resources.estimate_round_bytes(10**6, 5, cohort=100, width=2, batch_bytes=0, stacked=True)
+  assert resources.estimate_round_bytes(10**6, 5, 100, 2, 0, True, members=3) == 5 + 3 * (a - 5)
+  # A sweep whose members together cannot fit is refused before compiling, naming the sweep; each
+  # member alone fits (~100 MB).
+  config = base_config()
+  config.num_rounds = 1
+  config.dataset.name = "synthetic"
+  config.dataset.num_clients = 20
+  config.dataset.samples_per_client = 20
+  config.model.name = "mlp"
+  config.model.hidden = (2000, 2000)
+  k = resources.available_bytes() // (24 * 4 * 10**6) + 2
+  config.sweep.field, config.sweep.values = "client.learning_rate", tuple(1e-4 * (i + 1) for i in range(k))
+  with pytest.raises(ValueError, match=r"estimated to need .* members in one program: config.num_seeds x "
+                                       r"config.sweep.values.*fewer seeds or sweep values"):
+    simulation.run(config, str(tmp_path))

@@ -37,13 +37,20 @@ def test_learning_rate_sweep_times_seeds_equals_separate_runs(tmp_path):
   accs = [m["accuracy"] for m in summary["per_seed"][key]]
   np.testing.assert_allclose(summary["experiments"][key]["accuracy"], np.mean(accs))
   assert summary["sweep"]["field"] == "client.learning_rate" and summary["sweep"]["values"] == [0.01, 0.05]
-  best = max((summary["experiments"][f"fedavg[client.learning_rate={v:g}]"]["accuracy"], v) for v in (0.01, 0.05))[1]
+  best = max((summary["experiments"][f"fedavg[client.learning_rate={v:g}]"]["accuracy"],
+              -summary["experiments"][f"fedavg[client.learning_rate={v:g}]"]["loss"], v) for v in (0.01, 0.05))[2]
   assert summary["sweep"]["best"] == best
   with open(tmp_path / "sweep" / "metrics.jsonl") as f:
     rows = [json.loads(line) for line in f]
   assert {r["experiment"] for r in rows} == {f"fedavg/client.learning_rate={v:g}/{s}" for v in (0.01, 0.05)
                                              for s in ("seed3", "seed4", "mean")}
   assert {r["client.learning_rate"] for r in rows} == {0.01, 0.05}
+  # TensorBoard: one run per member, the same numbers as metrics.jsonl.
+  ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+  acc = ea.EventAccumulator(str(tmp_path / "sweep" / "tb" / "fedavg" / "client.learning_rate=0.05" / "seed4"))
+  acc.Reload()
+  member = [r for r in rows if r["experiment"] == "fedavg/client.learning_rate=0.05/seed4"]
+  assert {e.step: e.value for e in acc.Scalars("accuracy")} == {r["round"]: np.float32(r["accuracy"]) for r in member}
 
 
 def test_target_epsilon_sweep_equals_separate_run(tmp_path):
@@ -89,9 +96,17 @@ def test_sweep_summary_picks_the_best_value():
   config.sweep.field, config.sweep.values = "server.learning_rate", (0.5, 1.0, 2.0)
   experiments = {f"fedavg[server.learning_rate={v:g}]": {"accuracy": a} for v, a in ((0.5, 0.7), (1.0, 0.8), (2.0, 0.6))}
   assert stacked_seeds.sweep_summary(config, experiments)["best"] == 1.0
+  tied = {**experiments, "fedavg[server.learning_rate=2]": {"accuracy": 0.8, "loss": 0.1}}
+  tied["fedavg[server.learning_rate=1]"] = {"accuracy": 0.8, "loss": 0.2}
+  assert stacked_seeds.sweep_summary(config, tied)["best"] == 2.0  # equal accuracy: the lower loss wins
   by_loss = {k: {"loss": 1.0 - m["accuracy"]} for k, m in experiments.items()}
   s = stacked_seeds.sweep_summary(config, by_loss)
   assert s["by"] == "loss" and s["best"] == 1.0
+  # A value with a diverged seed (non-finite loss) is never the best, whatever its accuracy.
+  per_seed = {k: [{"loss": 0.3, **m}] for k, m in experiments.items()}
+  per_seed["fedavg[server.learning_rate=1]"] = [{"loss": float("nan"), "accuracy": 0.8}]
+  s = stacked_seeds.sweep_summary(config, experiments, per_seed)
+  assert s["best"] == 0.5 and s["diverged"] == {"fedavg[server.learning_rate=1]": [0]}
 
 
 @pytest.mark.parametrize("module,changes,message", [
