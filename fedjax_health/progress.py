@@ -84,7 +84,8 @@ def format_metrics(row: dict) -> str:
                     ("worst_client_accuracy", "worst_client_acc"), ("auc", "auc"), ("asr", "asr"),
                     ("epsilon", "eps")):
     if isinstance(row.get(key), (int, float)):
-      parts.append(f"{name}={row[key]:.3f}")
+      sd = row.get(f"{key}_sd")  # a mean over seeds (stacked_seeds.py) carries its sd
+      parts.append(f"{name}={row[key]:.3f}" + (f"+-{sd:.3f}" if isinstance(sd, (int, float)) else ""))
   return " ".join(parts)
 
 
@@ -139,28 +140,33 @@ class RoundProgress:
       self.log.draw(self.bar_text(r, now))
       self.t_drawn = now
 
-  def evaluated(self, r: int, row: dict, train_done: float | None = None) -> None:
+  def evaluated(self, r: int, row: dict, train_done: float | None = None,
+                groups: list[tuple[str, dict]] | None = None) -> None:
     """Logs (or shows on the bar) evaluated row ``row`` of round ``r``.
 
     ``train_done``: the clock when round ``r``'s training had finished (before evaluation); the
-    round time is measured up to it. Defaults to now.
+    round time is measured up to it. Defaults to now. ``groups``: several rows of one program
+    (``(label, row)``: a sweep's values), one log line each; the bar shows the first.
     """
     now = self.clock()
     end = train_done if train_done is not None else now
     per_round = (end - self.t_mark) / max(r - self.r_mark, 1)
-    metrics = format_metrics(row)
-    self.last_line = (f"[{self.name}] round {r:4d}/{self.total} {metrics} "
-                      f"(round {format_seconds(per_round)}, total {now - self.t0:.1f}s)")
+    groups = groups or [("", row)]
+    lines = [f"[{self.name}{' ' + label if label else ''}] round {r:4d}/{self.total} {format_metrics(g)} "
+             f"(round {format_seconds(per_round)}, total {now - self.t0:.1f}s)" for label, g in groups]
+    self.last_line = "\n".join(lines)
     self.t_mark, self.r_mark = now, r  # the next interval starts after this evaluation
-    self.latest = metrics
+    label, first = groups[0]
+    self.latest = (f"{label}: " if label and len(groups) > 1 else "") + format_metrics(first)
     if self.bar:
       self.log.draw(self.bar_text(r, now))
       self.t_drawn = now
     else:
-      self.log(self.last_line)
+      for line in lines:
+        self.log(line)
 
   def close(self) -> None:
     if self.bar:
       self.log.clear()
-      if self.last_line:
-        self.log(self.last_line)
+      for line in self.last_line.split("\n") if self.last_line else ():
+        self.log(line)

@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from fedjax_health import checkpointing
+from fedjax_health import progress
 from fedjax_health.config_validation import register_check, require
 
 SUPPORTED = ("fedavg", "fedprox", "fedopt", "local", "pooled", "dp_fedavg")
@@ -136,11 +137,14 @@ def run_stacked(experiments: list, seeds: list[int], config, log: Callable[[str]
       f"{k} seeds {seeds[0]}..{seeds[-1]}")
   if exp0.round_path:
     log(f"[{exp0.name}] client training path: {exp0.round_path}; {what} in one program")
-  finals, t0, t_prev = [{} for _ in seeds], time.time(), time.time()
+  finals, t0 = [{} for _ in seeds], time.time()
+  bar = progress.RoundProgress(exp0.name, config.num_rounds, 0, log)
   for r in range(1, config.num_rounds + 1):
     state, metrics = round_fn(state, exp0.train, keys)
+    bar.round_done(r, metrics)
     if r % config.eval_every == 0 or r == config.num_rounds:
       metrics = jax.device_get(metrics)
+      train_done = bar.clock()
       now = time.time()
       rows = []
       for i, s in enumerate(seeds):
@@ -154,6 +158,7 @@ def run_stacked(experiments: list, seeds: list[int], config, log: Callable[[str]
         row.update(finals[i])
         rows.append(row)
         write_row(row)
+      shown = []
       for g in groups:
         members = [row for row, lab in zip(rows, labels) if lab == g]
         mean, sd = mean_sd(members)
@@ -162,11 +167,9 @@ def run_stacked(experiments: list, seeds: list[int], config, log: Callable[[str]
         agg.update({key: v for key, v in mean.items() if key not in ("round", "seed", "time_s")})
         agg.update({f"{key}_sd": v for key, v in sd.items() if key not in ("round", "seed", "time_s")})
         write_row(agg)
-        log(f"[{exp0.name}{' ' + g if g else ''}] round {r:4d}/{config.num_rounds} over {len(members)} seeds: "
-            f"acc={agg.get('accuracy', float('nan')):.3f}+-{agg.get('accuracy_sd', float('nan')):.3f} "
-            f"train_loss={agg.get('train_loss', float('nan')):.4f} "
-            f"(round {now - t_prev:.2f}s, total {now - t0:.1f}s)")
-      t_prev = now
+        shown.append((f"{g + ', ' if g else ''}mean of {len(members)} seeds", agg))
+      bar.evaluated(r, shown[0][1], train_done, groups=shown)
+  bar.close()
   if workdir is not None:
     for i, s in enumerate(seeds):
       tag = f"{labels[i]}_seed{s}" if labels[i] else f"seed{s}"

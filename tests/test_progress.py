@@ -72,6 +72,27 @@ def test_bar_on_terminal_shows_rate_eta_and_latest_metrics():
                                     "mean_client_acc=0.700 worst_client_acc=0.500 (round 1.40s, total 7.0s)\n")
 
 
+def test_groups_of_one_program_log_a_line_each_with_their_sd():
+  lines, clock = [], FakeClock()
+  p = progress.RoundProgress("fedavg", 4, 0, lines.append, clock)
+  clock.t += 2.0
+  p.round_done(1)
+  groups = [("lr=0.1, mean of 2 seeds", {**ROW, "accuracy_sd": 0.05}), ("lr=1, mean of 2 seeds", {"accuracy": 0.5})]
+  p.evaluated(1, groups[0][1], clock.t, groups=groups)
+  assert lines == [
+      "[fedavg lr=0.1, mean of 2 seeds] round    1/4 train_loss=0.5123 acc=0.750+-0.050 mean_client_acc=0.700 "
+      "worst_client_acc=0.500 (round 2.00s, total 2.0s)",
+      "[fedavg lr=1, mean of 2 seeds] round    1/4 acc=0.500 (round 2.00s, total 2.0s)"]
+  stream = FakeTTY()
+  q = progress.RoundProgress("fedavg", 4, 0, progress.Console(stream), clock)
+  q.round_done(1, jnp.zeros(()))
+  q.evaluated(1, groups[0][1], clock.t, groups=groups)
+  assert stream.getvalue().endswith("lr=0.1, mean of 2 seeds: train_loss=0.5123 acc=0.750+-0.050 "
+                                    "mean_client_acc=0.700 worst_client_acc=0.500")
+  q.close()  # every group's final line replaces the bar
+  assert stream.getvalue().endswith("[fedavg lr=1, mean of 2 seeds] round    1/4 acc=0.500 (round 0.0ms, total 0.0s)\n")
+
+
 def test_rate_forgets_compilation_after_the_window():
   stream, clock = FakeTTY(), FakeClock()
   p = progress.RoundProgress("x", 100, 0, progress.Console(stream), clock)
