@@ -16,6 +16,8 @@ shape the program (batch size, epochs, cohort, model) cannot be traced and are r
   traced as that multiplier): DP-FedAvg, central mechanism without SecAgg or adaptive clipping.
 * ``privacy.patient.noise_multiplier`` (with ``privacy.patient.target_epsilon = 0``) and
   ``privacy.patient.target_epsilon``: DP-FedAvg with patient-level DP-SGD.
+* ``privacy.client.clip_norm`` (central, as above) and ``privacy.patient.clip_norm`` (DP-SGD): the
+  clip bound C (the noise std is z C; epsilon does not depend on C).
 
 Outputs (``stacked_seeds.run_training``): ``metrics.jsonl`` rows per member
 (``<name>/<field>=<value>/seed<s>``) and per value (``<name>/<field>=<value>/mean``, mean and sd over
@@ -36,6 +38,8 @@ SWEEPABLE = {
     "client.learning_rate": ALGORITHMS,
     "server.learning_rate": ALGORITHMS,
     "privacy.client.noise_multiplier": ("dp_fedavg",),
+    "privacy.client.clip_norm": ("dp_fedavg",),
+    "privacy.patient.clip_norm": ("dp_fedavg",),
     "privacy.client.target_epsilon": ("dp_fedavg",),
     "privacy.patient.noise_multiplier": ("dp_fedavg",),
     "privacy.patient.target_epsilon": ("dp_fedavg",),

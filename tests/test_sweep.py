@@ -53,22 +53,28 @@ def test_learning_rate_sweep_times_seeds_equals_separate_runs(tmp_path):
   assert {e.step: e.value for e in acc.Scalars("accuracy")} == {r["round"]: np.float32(r["accuracy"]) for r in member}
 
 
-def test_target_epsilon_sweep_equals_separate_run(tmp_path):
-  """Each target epsilon is calibrated on the host and traced as its noise multiplier."""
-  config = heart_disease_dp.get_config("smoke")
+@pytest.mark.parametrize("module,field,values,metrics", [
+    # Each target epsilon is calibrated on the host and traced as its noise multiplier.
+    (heart_disease_dp, "privacy.client.target_epsilon", (1.0, 8.0), ("epsilon_client", "noise_multiplier_client")),
+    (heart_disease_dp, "privacy.client.clip_norm", (0.5, 2.0), ("epsilon_client",)),
+])
+def test_dp_sweep_member_equals_separate_run(tmp_path, module, field, values, metrics):
+  config = module.get_config("smoke")
   config.seed = 1
-  config.sweep.field, config.sweep.values = "privacy.client.target_epsilon", (1.0, 8.0)
+  config.sweep.field, config.sweep.values = field, values
   summary = simulation.run(config, str(tmp_path / "sweep"), log=QUIET)
-  for eps in (8.0,):  # the last value: a sweep that ran every member with the first would fail
-    single = heart_disease_dp.get_config("smoke")
-    single.seed, single.privacy.client.target_epsilon = 1, eps
-    one = simulation.run(single, str(tmp_path / f"eps{eps:g}"), log=QUIET)["experiments"]["dp_fedavg"]
-    got = summary["per_seed"][f"dp_fedavg[privacy.client.target_epsilon={eps:g}]"][0]
-    for m in ("accuracy", "loss", "auc", "epsilon_client", "noise_multiplier_client"):
-      np.testing.assert_allclose(got[m], one[m], rtol=1e-5, atol=1e-6)
-  z = [summary["experiments"][f"dp_fedavg[privacy.client.target_epsilon={e:g}]"]["noise_multiplier_client"]
-       for e in (1.0, 8.0)]
-  assert z[0] > z[1] > 0  # a smaller epsilon needs more noise
+  v = values[-1]  # the last value: a sweep that ran every member with the first would fail
+  single = module.get_config("smoke")
+  single.seed = 1
+  sweep.set_field(single, field, v)
+  one = simulation.run(single, str(tmp_path / "one"), log=QUIET)["experiments"]["dp_fedavg"]
+  got = summary["per_seed"][f"dp_fedavg[{field}={v:g}]"][0]
+  for m in ("accuracy", "loss", "auc") + metrics:
+    np.testing.assert_allclose(got[m], one[m], rtol=1e-5, atol=1e-6)
+  first = summary["experiments"][f"dp_fedavg[{field}={values[0]:g}]"]
+  assert first["loss"] != got["loss"]
+  if "noise_multiplier_client" in metrics:
+    assert first["noise_multiplier_client"] > got["noise_multiplier_client"] > 0  # smaller epsilon, more noise
 
 
 def test_traced_config_sets_the_leaves_and_zeroes_a_swept_target_epsilon():

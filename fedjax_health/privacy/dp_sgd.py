@@ -47,6 +47,10 @@ def clipped_sum(grads, mask: jax.Array, clip_norm: float) -> tuple:
   return jax.tree.map(leaf_sum, grads), norms
 
 
+def _number(x):
+  return x if is_traced(x) else float(x)
+
+
 def dp_sgd_grad_fn(example_losses: Callable, clip_norm: float, noise_multiplier: float | None,
                    denominator: float, regularizer: Callable | None = None, step_slot: bool = False):
   """Returns a ``grad_fn(params, anchor, x, y, mask, rng) -> (grads, loss)`` doing DP-SGD.
@@ -62,7 +66,7 @@ def dp_sgd_grad_fn(example_losses: Callable, clip_norm: float, noise_multiplier:
     step_slot: the batch's last slot is ``poisson_batch_plan``'s always-on step slot (ignored).
   The returned loss is the mean loss of the sampled examples (a simulation diagnostic only).
   """
-  if not clip_norm > 0:
+  if not is_traced(clip_norm) and not clip_norm > 0:
     raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
   if noise_multiplier is not None and not is_traced(noise_multiplier) and not noise_multiplier > 0:
     raise ValueError(f"noise_multiplier must be > 0 (or None for no noise), got {noise_multiplier}")
@@ -71,7 +75,7 @@ def dp_sgd_grad_fn(example_losses: Callable, clip_norm: float, noise_multiplier:
   if noise_multiplier is None:
     std = 0.0
   else:  # a traced z: one member of a sweep (fedjax_health/sweep.py)
-    std = (noise_multiplier if is_traced(noise_multiplier) else float(noise_multiplier)) * float(clip_norm)
+    std = _number(noise_multiplier) * _number(clip_norm)
   reg_grad = jax.grad(regularizer) if regularizer is not None else None
 
   def grad_fn(params, anchor, x, y, mask, rng):

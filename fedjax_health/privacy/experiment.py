@@ -173,7 +173,7 @@ def build_privacy(config, data) -> dict:
     out["client_noise"] = z
 
   transforms = [agg_base.reject_nonfinite()]
-  z, C = out["client_noise"], float(c.clip_norm)
+  z, C = out["client_noise"], c.clip_norm if is_traced(c.clip_norm) else float(c.clip_norm)
   if sa.enabled:
     k = sa.num_neighbors or _complete_degree(m)
     t = sa.threshold or k // 2 + 1
