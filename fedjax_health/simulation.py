@@ -188,9 +188,10 @@ def plot_curves(rows: list[dict], path: str, keys=("accuracy", "mean_client_accu
 def format_table(summary: dict) -> str:
   """Returns a plain-text table of the final metrics of each experiment."""
   cols = ["accuracy", "mean_client_accuracy", "worst_client_accuracy", "loss", "auc"]
-  lines = [f"{'experiment':<28}" + "".join(f"{c:>24}" for c in cols)]
+  width = max([28] + [len(name) + 2 for name in summary["experiments"]])
+  lines = [f"{'experiment':<{width}}" + "".join(f"{c:>24}" for c in cols)]
   for name, m in summary["experiments"].items():
-    lines.append(f"{name:<28}" + "".join(
+    lines.append(f"{name:<{width}}" + "".join(
         f"{m[c]:>24.4f}" if isinstance(m.get(c), float) else f"{'-':>24}" for c in cols))
   return "\n".join(lines)
 

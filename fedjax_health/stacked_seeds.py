@@ -167,7 +167,10 @@ def run_stacked(experiments: list, seeds: list[int], config, log: Callable[[str]
         agg.update({key: v for key, v in mean.items() if key not in ("round", "seed", "time_s")})
         agg.update({f"{key}_sd": v for key, v in sd.items() if key not in ("round", "seed", "time_s")})
         write_row(agg)
-        shown.append((f"{g + ', ' if g else ''}mean of {len(members)} seeds", agg))
+        if len(members) > 1:
+          shown.append((f"{g + ', ' if g else ''}mean of {len(members)} seeds", agg))
+        else:  # one seed: its row (an sd of one value says nothing)
+          shown.append((f"{g + ', ' if g else ''}seed {members[0]['seed']}", members[0]))
       bar.evaluated(r, shown[0][1], train_done, groups=shown)
   bar.close()
   if workdir is not None:
@@ -288,7 +291,8 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, log: Callable[
     json.dump(summary, f, indent=2)
   plot_mean_sd(rows, os.path.join(workdir, "learning_curves.png"))
   tensorboard.finish_training(board, rows, summary, workdir)
-  log("\n" + simulation.format_table(summary) + f"\n(mean over {len(uniq_seeds)} seeds; sd in summary.json)")
+  log("\n" + simulation.format_table(summary) + (f"\n(mean over {len(uniq_seeds)} seeds; sd in summary.json)"
+                                                 if len(uniq_seeds) > 1 else f"\n(seed {uniq_seeds[0]})"))
   if "sweep" in summary:
     log(f"best {config.sweep.field} by final {summary['sweep']['by']}: {summary['sweep']['best']}")
   return summary
