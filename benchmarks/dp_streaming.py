@@ -139,8 +139,10 @@ def render_summary(d: dict | None = None) -> str:
   d = d or _load()
   forms = d["forms"]
   low, stacked = forms["streaming_lowrank"]["round_ms"], forms["stacked"]["round_ms"]
+  load = max(d["load_before"], d["load_after"])
   return (f"  It runs on this path: {_ms(low)} per W1 round, {_ratio(low, stacked)} the stacked aggregator's "
-          f"{_ms(stacked)} (`benchmarks/dp_streaming.py`, {d['date']}; [docs/privacy.md](docs/privacy.md)).")
+          f"{_ms(stacked)} (`benchmarks/dp_streaming.py`, {d['date']}"
+          + (f", a shared machine at load average {load:.1f}" if load > 1 else "") + "; [docs/privacy.md](docs/privacy.md)).")
 
 
 report.register("dp_streaming_table", render_table, sources=(OUT,))

@@ -178,7 +178,10 @@ def test_dp_streaming_wording_follows_the_numbers():
   assert "| streaming, low-rank path | 50 ms | 2.0x faster than stacked |" in slow
   assert "Taken on a shared machine (load average 3.0 before" in slow
   assert ds.render_summary(_dp_streaming_doc(6506.0, 395.0, 117.0, 0.4)).startswith(
-      "  It runs on this path: 117 ms per W1 round, 56x faster than the stacked aggregator's 6,506 ms")
+      "  It runs on this path: 117 ms per W1 round, 56x faster than the stacked aggregator's 6,506 ms "
+      "(`benchmarks/dp_streaming.py`, d; [docs")
+  assert "6,506 ms (`benchmarks/dp_streaming.py`, d, a shared machine at load average 3.0;" in ds.render_summary(
+      _dp_streaming_doc(6506.0, 395.0, 117.0, 3.0))
 
 
 def test_inversion_batched_findings_follow_the_target():
