@@ -8,7 +8,10 @@ test accuracy, AUC and the epsilon the run reported. Raw rows go to results/priv
 docs/img/privacy_accuracy_vs_epsilon.png, and every row so far (with the RDP/PLD comparison, the
 test sets' majority-class rates, the command, date and machine) to the small committed
 docs/results/privacy.json, from which the tables and findings of docs/privacy.md and the README
-are generated (experiments/report.py). ~25 min on a 2-core CPU in all.
+are generated (experiments/report.py). ~25 min on a 2-core CPU in all. Rows already in
+docs/results/privacy.json count as done: a run of some settings or seeds adds its rows to the file
+(after each setting, so a run cut short keeps what finished), each row tagged with the invocation
+(``runs``: command, date, machine, commit) that produced it; delete rows from the file to rerun them.
 
   nice -n 19 python experiments/privacy.py                 # everything, seeds 0-2
   nice -n 19 python experiments/privacy.py --settings=hd_client,hd_client_secagg,hd_patient --seeds=0,1,2,3,4,5,6,7,8,9
