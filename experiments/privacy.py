@@ -390,7 +390,11 @@ def main():
     for setting in args.settings.split(","):
       for eps in (None,) + EPSILONS:
         todo = [seed for seed in (int(s) for s in args.seeds.split(",")) if (setting, _key(eps), seed) not in done]
-        for row in (run_seeds(setting, eps, todo) if todo else []):
+        # One program for the seeds when they stack (Fed-Heart-Disease), else one run per seed, each
+        # row saved as soon as it finishes.
+        stacks = make_config(setting, None, 0).dataset.name == "heart_disease"
+        for row in (r for group in ([todo] if stacks else [[s] for s in todo]) if group
+                    for r in run_seeds(setting, eps, group)):
           rows.append(row)
           f.write(json.dumps(row) + "\n")
           f.flush()
