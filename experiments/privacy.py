@@ -293,6 +293,20 @@ def render_results() -> str:
           + (f" {doc['note']}" if doc.get("note") else ""))
 
 
+def _within_noise(rows, setting, key) -> str:
+  """Returns from which finite epsilon on ``key`` stays within seed noise of the non-private
+  model: the gap of the means is at most the larger of the two seed sds, there and at every
+  larger epsilon tested."""
+  none = _stats(rows, setting, "none", key)
+  close = [e for e in EPSILONS if _stats(rows, setting, e, key)[2] and
+           abs(_stats(rows, setting, e, key)[0] - none[0]) <= max(_stats(rows, setting, e, key)[1], none[1])]
+  finite = [e for e in close if e != math.inf]
+  name = "Accuracy" if key == "accuracy" else "AUC"
+  if finite and all(e in close for e in EPSILONS if e >= min(finite) and _stats(rows, setting, e, key)[2]):
+    return f"{name}: within seed noise of the non-private model from ε = {min(finite):g} on"
+  return f"{name}: no finite ε tested within seed noise of the non-private model"
+
+
 def findings(doc: dict) -> str:
   """The bullets under the table; every figure and comparison computed from the per-seed rows."""
   rows, maj = doc["rows"], doc["majority_class_rate"]
@@ -314,21 +328,15 @@ def findings(doc: dict) -> str:
       label = "∞ (clip only)" if eps == math.inf else f"ε = {eps:g}"
       zz = z(setting, eps, level)
       parts.append(f"{label}: accuracy {_ms(acc)}, AUC {_ms(auc)}" + (f", z = {zz:.2f}" if zz else ""))
-    # "within noise": the gap to the non-private mean is below the larger of the two seed sds
-    close = [e for e in EPSILONS if _stats(rows, setting, e)[2] and
-             abs(_stats(rows, setting, e)[0] - none[0]) <= max(_stats(rows, setting, e)[1], none[1])]
     below_chance = [e for e in EPSILONS if _stats(rows, setting, e)[2] and _stats(rows, setting, e)[0] <= maj.get(setting, 0)]
     text = (f"- **{desc}** ({none[2]} seeds): non-private accuracy {_ms(none)}, AUC {_ms(none_auc)}; " +
             ("; ".join(parts) if parts else "no private run in this file") + ". ")
     if not parts:
       out.append(text.rstrip())
       continue
-    finite_close = [e for e in close if e != math.inf]
-    text += (f"Within seed noise of the non-private model from ε = {min(finite_close):g} on"
-             if finite_close and all(e in close for e in EPSILONS if e >= min(finite_close))
-             else "No finite ε tested is within seed noise of the non-private model") + " (gap ≤ the larger seed sd)"
+    text += "; ".join(_within_noise(rows, setting, key) for key in ("accuracy", "auc")) + " (gap ≤ the larger seed sd)"
     if below_chance:
-      text += ("; at or below the constant guess at " +
+      text += ("; accuracy at or below the constant guess at " +
                ", ".join("∞" if e == math.inf else f"ε = {e:g}" for e in below_chance))
     out.append(text + ".")
   if {"hd_client", "hd_client_secagg"} <= present:

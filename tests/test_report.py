@@ -124,8 +124,13 @@ def test_privacy_findings_within_noise_and_constant_guess():
     rows += [{"setting": "hd_patient", "target_epsilon": eps, "seed": s, "accuracy": a, "auc": a,
               "noise_multiplier_patient": None if eps in ("none", math.inf) else 1.0} for s, a in enumerate(accs)]
   text = privacy.findings({"rows": rows, "majority_class_rate": {"hd_patient": 0.516}})
-  assert "Within seed noise of the non-private model from ε = 3 on" in text
-  assert "at or below the constant guess at ε = 1" in text
+  assert "Accuracy: within seed noise of the non-private model from ε = 3 on; AUC: within seed noise" in text
+  assert "accuracy at or below the constant guess at ε = 1" in text
+  for r in rows:  # AUC: close at eps = 3 but far below at 8, so no finite eps is close from there on
+    r["auc"] = 0.6 if r["target_epsilon"] == 8.0 else r["accuracy"]
+  text = privacy.findings({"rows": rows, "majority_class_rate": {"hd_patient": 0.516}})
+  assert ("Accuracy: within seed noise of the non-private model from ε = 3 on; AUC: no finite ε tested within "
+          "seed noise of the non-private model (gap ≤ the larger seed sd)") in text
 
 
 def test_inversion_findings_first_dp_level_below_the_mean_image():
