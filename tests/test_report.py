@@ -214,3 +214,15 @@ def test_inversion_batched_findings_follow_the_target():
   assert ("BreastMNIST 16x16, sigmoid LeNet against the per-step loop (30x) and the per-victim jit (25x)"
           in text.split(". It is not met")[0])
   assert "For images" not in text
+
+
+def test_privacy_committed_rows_tag_a_legacy_file_as_one_run(tmp_path):
+  import json
+  from experiments import privacy
+  path = tmp_path / "privacy.json"
+  path.write_text(json.dumps({"date": "d0", "machine": "m", "jax": "j", "commit": "c0", "command": "cmd0", "note": "cut",
+                              "rows": [{"setting": "hd_client", "target_epsilon": 1.0, "seed": 0, "accuracy": 0.5}]}))
+  rows, runs = privacy.committed_rows(str(path))
+  assert rows == [{"setting": "hd_client", "target_epsilon": 1.0, "seed": 0, "accuracy": 0.5, "run": 0}]
+  assert runs == [{"date": "d0", "machine": "m", "jax": "j", "commit": "c0", "command": "cmd0", "note": "cut"}]
+  assert privacy.committed_rows(str(tmp_path / "absent.json")) == ([], [])
