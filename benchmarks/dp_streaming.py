@@ -142,7 +142,8 @@ def render_summary(d: dict | None = None) -> str:
   load = max(d["load_before"], d["load_after"])
   return (f"  It runs on this path: {_ms(low)} per W1 round, {_ratio(low, stacked)} the stacked aggregator's "
           f"{_ms(stacked)} (`benchmarks/dp_streaming.py`, {d['date']}"
-          + (f", a shared machine at load average {load:.1f}" if load > 1 else "") + "; [docs/privacy.md](docs/privacy.md)).")
+          + (f", a shared machine at load average {load:.1f}" if load > 1 else "")
+          + "; [docs/privacy.md](docs/privacy.md)).")
 
 
 report.register("dp_streaming_table", render_table, sources=(OUT,))
@@ -153,7 +154,8 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--clients", type=int, default=1000)
   ap.add_argument("--repeats", type=int, default=5)
-  ap.add_argument("--out", default=OUT, help="the JSON written (the generated sections read docs/perf_dp_streaming.json)")
+  ap.add_argument("--out", default=OUT,
+                  help="the JSON written (the generated sections read docs/perf_dp_streaming.json)")
   ap.add_argument("--report_only", action="store_true", help="re-render the generated sections from the JSON (no runs)")
   args = ap.parse_args()
   if args.clients < 1 or args.repeats < 1:

@@ -215,7 +215,8 @@ def main():
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--widths", default="0,32", help="batched map widths (0 = all victims in one vmap)")
   ap.add_argument("--workloads", default=",".join(WORKLOADS))
-  ap.add_argument("--out", default=OUT, help="the JSON written (the generated sections read docs/inversion_batched.json)")
+  ap.add_argument("--out", default=OUT,
+                  help="the JSON written (the generated sections read docs/inversion_batched.json)")
   ap.add_argument("--report_only", action="store_true", help="re-render the generated sections from the JSON (no runs)")
   args = ap.parse_args()
   for name in args.workloads.split(","):

@@ -256,8 +256,8 @@ def missing(rows: list[dict]) -> str:
     if len({tuple(v) for v in lacks.values()}) == 1 and lacks[None]:
       out.append(f"{setting}, every row ({seeds_s(lacks[None])})")
       continue
-    out += [f"{setting} {'no DP' if eps is None else 'ε = ∞' if eps == math.inf else f'ε = {eps:g}'} ({seeds_s(lack)})"
-            for eps, lack in lacks.items() if lack]
+    label = lambda eps: "no DP" if eps is None else "ε = ∞" if eps == math.inf else f"ε = {eps:g}"
+    out += [f"{setting} {label(eps)} ({seeds_s(lack)})" for eps, lack in lacks.items() if lack]
   return "; ".join(out)
 
 
@@ -334,7 +334,8 @@ def findings(doc: dict) -> str:
     if not parts:
       out.append(text.rstrip())
       continue
-    text += "; ".join(_within_noise(rows, setting, key) for key in ("accuracy", "auc")) + " (gap ≤ the larger seed sd)"
+    text += "; ".join(_within_noise(rows, setting, key) for key in ("accuracy", "auc"))
+    text += " (gap ≤ the larger seed sd)"
     if below_chance:
       text += ("; accuracy at or below the constant guess at " +
                ", ".join("∞" if e == math.inf else f"ε = {e:g}" for e in below_chance))

@@ -168,7 +168,8 @@ def _dp_streaming_doc(stacked, dense, lowrank, load):
   forms = {n: {"round_ms": t, "first_call_s": 2.0, "max_abs_diff_vs_stacked": 1e-7}
            for n, t in (("stacked", stacked), ("streaming_dense", dense), ("streaming_lowrank", lowrank))}
   return {"workload": "W1", "clients": 1000, "num_params": 159010, "stack_bytes": 636040000, "clip_norm": 1.0,
-          "noise_multiplier": 1.0, "repeats": 5, "backend": "cpu", "forms": forms, "date": "d", "machine": "m, 2 CPU cores",
+          "noise_multiplier": 1.0, "repeats": 5, "backend": "cpu", "forms": forms, "date": "d",
+          "machine": "m, 2 CPU cores",
           "jax": "j", "commit": "c", "command": "cmd", "load_before": load, "load_after": load}
 
 
@@ -220,7 +221,8 @@ def test_privacy_committed_rows_tag_a_legacy_file_as_one_run(tmp_path):
   import json
   from experiments import privacy
   path = tmp_path / "privacy.json"
-  path.write_text(json.dumps({"date": "d0", "machine": "m", "jax": "j", "commit": "c0", "command": "cmd0", "note": "cut",
+  path.write_text(json.dumps({"date": "d0", "machine": "m", "jax": "j", "commit": "c0", "command": "cmd0",
+                              "note": "cut",
                               "rows": [{"setting": "hd_client", "target_epsilon": 1.0, "seed": 0, "accuracy": 0.5}]}))
   rows, runs = privacy.committed_rows(str(path))
   assert rows == [{"setting": "hd_client", "target_epsilon": 1.0, "seed": 0, "accuracy": 0.5, "run": 0}]
