@@ -8,7 +8,10 @@ test accuracy, AUC and the epsilon the run reported. Raw rows go to results/priv
 docs/img/privacy_accuracy_vs_epsilon.png, and every row so far (with the RDP/PLD comparison, the
 test sets' majority-class rates, the command, date and machine) to the small committed
 docs/results/privacy.json, from which the tables and findings of docs/privacy.md and the README
-are generated (experiments/report.py). ~25 min on a 2-core CPU in all.
+are generated (experiments/report.py). ~25 min on a 2-core CPU in all. Rows already in
+docs/results/privacy.json count as done: a run of some settings or seeds adds its rows to the file
+(after each setting, so a run cut short keeps what finished), each row tagged with the invocation
+(``runs``: command, date, machine, commit) that produced it; delete rows from the file to rerun them.
 
   nice -n 19 python experiments/privacy.py                 # everything, seeds 0-2
   nice -n 19 python experiments/privacy.py --settings=hd_client,hd_client_secagg,hd_patient --seeds=0,1,2,3,4,5,6,7,8,9
@@ -203,15 +206,59 @@ def majority_rates() -> dict:
   return out
 
 
-def write_results(rows: list[dict], meta: dict, path: str = RESULTS) -> None:
+def write_results(rows: list[dict], meta: dict, path: str = RESULTS, runs: list[dict] | None = None) -> None:
+  """Writes the committed result file. ``runs`` lists the invocations whose rows it holds (each row's
+  ``run`` indexes it); the top-level provenance (``meta``) is the latest invocation's."""
   rows = sorted(rows, key=lambda r: (list(SETTINGS).index(r["setting"]),
                                      -1 if r["target_epsilon"] == "none" else r["target_epsilon"], r["seed"]))
   doc = dict(meta, settings={k: {"config": v[0], "level": v[1], "label": v[2]} for k, v in SETTINGS.items()},
-             majority_class_rate=majority_rates(), accountants=accountant_rows(), rows=rows)
+             majority_class_rate=majority_rates(), accountants=accountant_rows())
+  if runs is not None:
+    doc["runs"] = runs
+  doc["rows"] = rows
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
     json.dump(report.rounded(doc, 5), f, indent=0)
     f.write("\n")
+
+
+def committed_rows(path: str = RESULTS) -> tuple[list[dict], list[dict]]:
+  """Returns ``(rows, runs)`` already in the committed result file, every row tagged with the index
+  of the invocation (``runs``) that produced it, so a run of some settings adds to it."""
+  if not os.path.exists(path):
+    return [], []
+  doc = load_results(path)
+  runs = doc.get("runs") or [{k: doc[k] for k in ("date", "machine", "jax", "commit", "command", "note") if k in doc}]
+  return [dict(r, run=r.get("run", 0)) for r in doc["rows"]], runs
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+  """Returns ``old`` with every row of ``new`` added; a new row replaces an old one of the same
+  (setting, target epsilon, seed)."""
+  key = lambda r: (r["setting"], r["target_epsilon"], r["seed"])
+  merged = {key(r): r for r in old}
+  merged.update({key(r): r for r in new})
+  return list(merged.values())
+
+
+# The plan of the published table: seeds 0-2 everywhere, 0-9 for the cheap Fed-Heart-Disease settings.
+PLANNED_SEEDS = {s: range(10) if s.startswith("hd_") else range(3) for s in SETTINGS}
+
+
+def missing(rows: list[dict]) -> str:
+  """Returns which planned (setting, target epsilon) cells lack which seeds, '' when none do."""
+  have = {(r["setting"], r["target_epsilon"], r["seed"]) for r in rows}
+  seeds_s = lambda lack: (f"seeds {lack[0]}-{lack[-1]}" if len(lack) > 1 and lack == list(range(lack[0], lack[-1] + 1))
+                          else f"seed{'s' if len(lack) > 1 else ''} {', '.join(map(str, lack))}")
+  out = []
+  for setting, seeds in PLANNED_SEEDS.items():
+    lacks = {eps: [s for s in seeds if (setting, _key(eps), s) not in have] for eps in (None,) + EPSILONS}
+    if len({tuple(v) for v in lacks.values()}) == 1 and lacks[None]:
+      out.append(f"{setting}, every row ({seeds_s(lacks[None])})")
+      continue
+    label = lambda eps: "no DP" if eps is None else "ε = ∞" if eps == math.inf else f"ε = {eps:g}"
+    out += [f"{setting} {label(eps)} ({seeds_s(lack)})" for eps, lack in lacks.items() if lack]
+  return "; ".join(out)
 
 
 def load_results(path: str = RESULTS) -> dict:
@@ -233,9 +280,31 @@ def _ms(st) -> str:
 def render_results() -> str:
   doc = load_results()
   seeds = sorted({r["seed"] for r in doc["rows"]})
-  return (make_table(doc["rows"]) + f"\n\nGenerated from `docs/results/privacy.json` (`{doc['command']}`, "
-          f"{doc['date']}, {doc['machine']}; seeds per row in the table, {len(seeds)} distinct in all)."
+  runs = doc.get("runs") or [doc]
+  counts = [sum(r.get("run", 0) == i for r in doc["rows"]) for i in range(len(runs))]
+  origin = "; ".join(f"`{run['command']}`, {run['date']}, {run['machine']}"
+                     + (f", {n} rows" if len(runs) > 1 else "") for run, n in zip(runs, counts) if n)
+  lack = missing(doc["rows"])
+  return (make_table(doc["rows"]) + f"\n\nGenerated from `docs/results/privacy.json` ({origin}; seeds per row in "
+          f"the table, {len(seeds)} distinct in all). "
+          + (f"Not yet run (planned: seeds 0-9 for the Fed-Heart-Disease settings, 0-2 for BreastMNIST): {lack}."
+             if lack else "Every planned run is in the file (seeds 0-9 for the Fed-Heart-Disease settings, "
+             "0-2 for BreastMNIST).")
           + (f" {doc['note']}" if doc.get("note") else ""))
+
+
+def _within_noise(rows, setting, key) -> str:
+  """Returns from which finite epsilon on ``key`` stays within seed noise of the non-private
+  model: the gap of the means is at most the larger of the two seed sds, there and at every
+  larger epsilon tested."""
+  none = _stats(rows, setting, "none", key)
+  close = [e for e in EPSILONS if _stats(rows, setting, e, key)[2] and
+           abs(_stats(rows, setting, e, key)[0] - none[0]) <= max(_stats(rows, setting, e, key)[1], none[1])]
+  finite = [e for e in close if e != math.inf]
+  name = "Accuracy" if key == "accuracy" else "AUC"
+  if finite and all(e in close for e in EPSILONS if e >= min(finite) and _stats(rows, setting, e, key)[2]):
+    return f"{name}: within seed noise of the non-private model from ε = {min(finite):g} on"
+  return f"{name}: no finite ε tested within seed noise of the non-private model"
 
 
 def findings(doc: dict) -> str:
@@ -259,21 +328,16 @@ def findings(doc: dict) -> str:
       label = "∞ (clip only)" if eps == math.inf else f"ε = {eps:g}"
       zz = z(setting, eps, level)
       parts.append(f"{label}: accuracy {_ms(acc)}, AUC {_ms(auc)}" + (f", z = {zz:.2f}" if zz else ""))
-    # "within noise": the gap to the non-private mean is below the larger of the two seed sds
-    close = [e for e in EPSILONS if _stats(rows, setting, e)[2] and
-             abs(_stats(rows, setting, e)[0] - none[0]) <= max(_stats(rows, setting, e)[1], none[1])]
     below_chance = [e for e in EPSILONS if _stats(rows, setting, e)[2] and _stats(rows, setting, e)[0] <= maj.get(setting, 0)]
     text = (f"- **{desc}** ({none[2]} seeds): non-private accuracy {_ms(none)}, AUC {_ms(none_auc)}; " +
             ("; ".join(parts) if parts else "no private run in this file") + ". ")
     if not parts:
       out.append(text.rstrip())
       continue
-    finite_close = [e for e in close if e != math.inf]
-    text += (f"Within seed noise of the non-private model from ε = {min(finite_close):g} on"
-             if finite_close and all(e in close for e in EPSILONS if e >= min(finite_close))
-             else "No finite ε tested is within seed noise of the non-private model") + " (gap ≤ the larger seed sd)"
+    text += "; ".join(_within_noise(rows, setting, key) for key in ("accuracy", "auc"))
+    text += " (gap ≤ the larger seed sd)"
     if below_chance:
-      text += ("; at or below the constant guess at " +
+      text += ("; accuracy at or below the constant guess at " +
                ", ".join("∞" if e == math.inf else f"ε = {e:g}" for e in below_chance))
     out.append(text + ".")
   if {"hd_client", "hd_client_secagg"} <= present:
@@ -312,28 +376,43 @@ def main():
     return
   os.makedirs(args.out, exist_ok=True)
   runs_path = os.path.join(args.out, "runs.jsonl")
+  publish = args.out == os.path.join(ROOT, "results", "privacy")
+  # Rows already committed count as done: a run of some settings adds to docs/results/privacy.json.
+  old, runs = committed_rows() if publish else ([], [])
   rows = []
   if os.path.exists(runs_path):
     with open(runs_path) as f:
       rows = [json.loads(line) for line in f]
-  done = {(r["setting"], r["target_epsilon"], r["seed"]) for r in rows}
+  done = {(r["setting"], r["target_epsilon"], r["seed"]) for r in old}
+  rows = [r for r in rows if (r["setting"], r["target_epsilon"], r["seed"]) not in done]  # already committed
+  done |= {(r["setting"], r["target_epsilon"], r["seed"]) for r in rows}
+  argv = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--note") and sys.argv[i] != "--note"]
+  meta = report.provenance(args.command or "nice -n 19 python experiments/privacy.py " + " ".join(argv), note=args.note)
+  this_run = {k: meta[k] for k in ("date", "machine", "jax", "commit", "command")}
+
+  def publish_rows():
+    if publish and rows:
+      write_results(merge_rows(old, [dict(r, run=len(runs)) for r in rows]), meta, runs=runs + [this_run])
+      report.update_all(names=SECTIONS)
+
   with open(runs_path, "a") as f:
     for setting in args.settings.split(","):
       for eps in (None,) + EPSILONS:
         todo = [seed for seed in (int(s) for s in args.seeds.split(",")) if (setting, _key(eps), seed) not in done]
-        for row in (run_seeds(setting, eps, todo) if todo else []):
+        # One program for the seeds when they stack (Fed-Heart-Disease), else one run per seed, each
+        # row saved as soon as it finishes.
+        stacks = make_config(setting, None, 0).dataset.name == "heart_disease"
+        for row in (r for group in ([todo] if stacks else [[s] for s in todo]) if group
+                    for r in run_seeds(setting, eps, group)):
           rows.append(row)
           f.write(json.dumps(row) + "\n")
           f.flush()
           print(json.dumps(row), flush=True)
-  table = make_table(rows)
+      publish_rows()  # after each setting, so a run cut short keeps what finished
+  table = make_table(merge_rows(old, rows))
   print(table)
   print(accountant_comparison())
-  if args.out == os.path.join(ROOT, "results", "privacy"):
-    argv = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--note") and sys.argv[i] != "--note"]
-    write_results(rows, report.provenance(args.command or "nice -n 19 python experiments/privacy.py " + " ".join(argv),
-                                          note=args.note))
-    report.update_all(names=SECTIONS)
+  rows = merge_rows(old, rows)
   os.makedirs(os.path.dirname(args.plot), exist_ok=True)
   make_plot(rows, args.plot)
 

@@ -34,7 +34,7 @@ RENDERER_MODULES = ["experiments.heart_disease_table", "experiments.perf_tables"
                     "benchmarks.sweep",
                     "experiments.security_report", "experiments.heterogeneity", "experiments.inversion_sweep",
                     "experiments.inversion_native", "experiments.privacy", "experiments.ftl",
-                    "experiments.heterogeneity_models"]
+                    "experiments.heterogeneity_models", "benchmarks.inversion_batched", "benchmarks.dp_streaming"]
 _MARKER = re.compile(r"(<!-- BEGIN generated:([\w.-]+) -->\n)(.*?)(<!-- END generated:\2 -->)", re.S)
 
 
