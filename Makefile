@@ -34,7 +34,7 @@ test: $(VENV)/.installed-test
 # README.md/docs (experiments/report.py). Each step writes its small committed result file under
 # docs/ (docs/results/*.json, docs/*.json); `make report` rebuilds every table from those alone.
 # Expected times on 2 CPU cores (idle; under nice with other jobs, up to ~2x):
-#   heart-disease table ~10 min, stacked-seeds benchmark ~3, batched inversion benchmark ~5,
+#   heart-disease table ~10 min, stacked-seeds benchmark ~3, sweep benchmark ~3, batched inversion benchmark ~5,
 #   DP streaming benchmark ~2, security grid ~8-15,
 #   heterogeneity grid ~15-20, inversion sweep ~12, privacy ~25 (+~5 for 10 heart seeds),
 #   FTL 3 splits ~20, FTL protection costs ~5, native-resolution inversion ~15:
@@ -43,6 +43,7 @@ NICE ?= nice -n 19
 results: $(VENV)/.installed-test
 	$(NICE) $(BIN)/python -m experiments.heart_disease_table
 	$(NICE) $(BIN)/python -m benchmarks.stacked_seeds
+	$(NICE) $(BIN)/python -m benchmarks.sweep
 	$(NICE) $(BIN)/python benchmarks/inversion_batched.py
 	$(NICE) $(BIN)/python benchmarks/dp_streaming.py
 	$(NICE) $(BIN)/python experiments/security.py
