@@ -1,14 +1,40 @@
-"""Test setup: 8 host CPU devices so shard_map tests run without accelerators."""
+"""Test setup: 8 host CPU devices so shard_map tests run without accelerators, and one persistent
+XLA compilation cache per test session."""
 
 import os
+import shutil
+import tempfile
 
 # Must be set before jax is imported anywhere in the test session.
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 
+# Most of the suite's time is XLA compilation, and many tests build the same program from fresh
+# closures (every simulation.run, every launcher subprocess): jax's in-memory caches miss, the
+# persistent cache (keyed by the program's HLO) does not. One temporary directory per session,
+# created by the first process that loads this file (the xdist controller, or the only process with
+# -n 0), inherited through the environment by xdist workers and by the launcher subprocesses that
+# tests start, and deleted at the end; never in the repository. A directory set from outside is used
+# as it is and kept; JAX_COMPILATION_CACHE_DIR= (empty) turns the cache off. Measured (jax 0.10.2,
+# CPU, -n 0): tests/test_checkpointing.py + test_launch.py's launcher tests took 76.5 s of CPU
+# without the cache, 43.2 s with it. Entries compiled in under 0.2 s are not written.
+_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+_OWN_CACHE = None
+if _CACHE_ENV not in os.environ:
+  _OWN_CACHE = tempfile.mkdtemp(prefix="fedjax_health_test_xla_cache_")
+  os.environ[_CACHE_ENV] = _OWN_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 
 import pytest  # noqa: E402
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE is not None:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture

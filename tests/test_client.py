@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,11 +41,17 @@ def _trainer(model, lr=0.1, momentum=0.9):
   return client_lib.ClientTrainer(client_lib.make_grad_fn(model.example_losses), optax.sgd(lr, momentum=momentum))
 
 
+def _jitted_local_train(trainer):
+  """``client.local_train`` for one client, compiled once for all clients of a loop. Called eagerly,
+  each call re-traces and recompiles its scan: seconds per client on CPU."""
+  return jax.jit(functools.partial(client_lib.local_train, trainer))
+
+
 def test_local_train_matches_python_loop_with_momentum_and_masks():
   model, params, xs, ys, mask = _setup()
-  trainer = _trainer(model)
+  train = _jitted_local_train(_trainer(model))
   for c in range(xs.shape[0]):
-    delta, aux = client_lib.local_train(trainer, params, xs[c], ys[c], mask[c], jax.random.key(c))
+    delta, aux = train(params, xs[c], ys[c], mask[c], jax.random.key(c))
     ref = _reference_local_sgd(model, params, xs[c], ys[c], mask[c], 0.1, 0.9)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), delta, ref)
     assert int(aux["num_steps"]) == int(mask[c].any(axis=1).sum())
@@ -79,10 +87,13 @@ def test_prox_regularizer_gradient():
     client_lib.prox_regularizer(-1.0)
 
 
-def _per_client_reference(model, params, xs, ys, mask):
-  trainer = _trainer(model)
-  outs = [client_lib.local_train(trainer, params, xs[c], ys[c], mask[c], jax.random.key(c))[0]
-          for c in range(xs.shape[0])]
+@functools.lru_cache(maxsize=None)
+def _per_client_reference(n_clients):
+  """Each client of ``_setup(n_clients=...)`` trained alone, in a Python loop (computed once per
+  session: the parametrised cases below share it)."""
+  model, params, xs, ys, mask = _setup(n_clients=n_clients)
+  train = _jitted_local_train(_trainer(model))
+  outs = [train(params, xs[c], ys[c], mask[c], jax.random.key(c))[0] for c in range(n_clients)]
   return jax.tree.map(lambda *a: np.stack(a), *outs)
 
 
@@ -98,7 +109,7 @@ def test_map_clients_every_width_equals_python_reference(width):
     return client_lib.local_train(trainer, params, x, y, m, jax.random.wrap_key_data(k))[0]
 
   got = jax.jit(lambda inp: client_lib.map_clients(fn, inp, width))((xs, ys, mask, keys))
-  ref = _per_client_reference(model, params, xs, ys, mask)
+  ref = _per_client_reference(6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got, ref)
 
 
@@ -116,7 +127,7 @@ def test_shard_map_equals_single_device(num_devices, width, require_host_devices
     return client_lib.local_train(trainer, p, x, y, m, jax.random.wrap_key_data(k))[0]
 
   got = jax.jit(lambda p, inp: client_lib.map_clients_sharded(fn, p, inp, width, mesh))(params, (xs, ys, mask, keys))
-  ref = _per_client_reference(model, params, xs, ys, mask)
+  ref = _per_client_reference(16)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got, ref)
 
 
@@ -156,9 +167,10 @@ def test_unrolled_local_train_equals_scan():
   model, params, xs, ys, mask = _setup()
   base = _trainer(model)
   unrolled = client_lib.ClientTrainer(base.grad_fn, base.optimizer, unroll=True)
+  train_scan, train_unrolled = _jitted_local_train(base), _jitted_local_train(unrolled)
   for c in range(3):
-    a, _ = client_lib.local_train(base, params, xs[c], ys[c], mask[c], jax.random.key(c))
-    b, _ = client_lib.local_train(unrolled, params, xs[c], ys[c], mask[c], jax.random.key(c))
+    a, _ = train_scan(params, xs[c], ys[c], mask[c], jax.random.key(c))
+    b, _ = train_unrolled(params, xs[c], ys[c], mask[c], jax.random.key(c))
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-6), a, b)
 
 

@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,10 +28,11 @@ def _reference_round(model, params, ds, plan, cohort_size, rng, round_idx, lr, p
   keys = jax.random.split(k_clients, cohort_size)
   reg = client_lib.prox_regularizer(prox_mu) if prox_mu else None
   trainer = client_lib.ClientTrainer(client_lib.make_grad_fn(model.example_losses, reg), optax.sgd(lr))
+  train = jax.jit(functools.partial(client_lib.local_train, trainer))  # one compile for every client
   deltas, weights = [], []
   for i, c in enumerate(cohort):
     idx = ds.offsets[c] + np.asarray(pos[i])
-    d, aux = client_lib.local_train(trainer, params, ds.x[idx], ds.y[idx], mask[i], keys[i])
+    d, aux = train(params, ds.x[idx], ds.y[idx], mask[i], keys[i])
     deltas.append(d)
     weights.append(float(np.asarray(mask[i]).sum()))
   w = np.array(weights) / sum(weights)

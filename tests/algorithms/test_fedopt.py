@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,10 +93,11 @@ def _reference_mean(model, params, ds, plan, rng, lr, weighting):
   pos, mask = make_batch_plan(k_plan, jnp.asarray(ds.client_sizes, jnp.int32)[cohort], plan)
   keys = jax.random.split(k_clients, c)
   trainer = client_lib.ClientTrainer(client_lib.make_grad_fn(model.example_losses), optax.sgd(lr))
+  train = jax.jit(functools.partial(client_lib.local_train, trainer))  # one compile for every client
   deltas, w = [], []
   for i, cl in enumerate(cohort):
     idx = ds.offsets[cl] + np.asarray(pos[i])
-    d, _ = client_lib.local_train(trainer, params, ds.x[idx], ds.y[idx], mask[i], keys[i])
+    d, _ = train(params, ds.x[idx], ds.y[idx], mask[i], keys[i])
     deltas.append(d)
     w.append({"examples_used": float(np.asarray(mask[i]).sum()), "dataset_size": float(ds.client_sizes[cl]),
               "uniform": 1.0}[weighting])
