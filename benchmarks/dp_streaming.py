@@ -108,9 +108,9 @@ def _ratio(fast: float, slow: float) -> str:
 
 
 def shared_note(d: dict) -> str:
-  load = max(d["load_before"], d["load_after"])
   return (f" Taken on a shared machine (load average {d['load_before']:.1f} before, {d['load_after']:.1f} after, on "
-          f"{d['machine'].split(', ')[-1]}): absolute times are inflated and ratios noisy." if load > 1 else
+          f"{d['machine'].split(', ')[-1]}): absolute times are inflated and ratios noisy."
+          if report.shared_machine(d["load_before"], d["load_after"], d["machine"]) else
           f" Load average {d['load_before']:.1f} before, {d['load_after']:.1f} after.")
 
 
@@ -142,7 +142,8 @@ def render_summary(d: dict | None = None) -> str:
   load = max(d["load_before"], d["load_after"])
   return (f"  It runs on this path: {_ms(low)} per W1 round, {_ratio(low, stacked)} the stacked aggregator's "
           f"{_ms(stacked)} (`benchmarks/dp_streaming.py`, {d['date']}"
-          + (f", a shared machine at load average {load:.1f}" if load > 1 else "")
+          + (f", a shared machine at load average {load:.1f}"
+             if report.shared_machine(d["load_before"], d["load_after"], d["machine"]) else "")
           + "; [docs/privacy.md](docs/privacy.md)).")
 
 
@@ -163,7 +164,7 @@ def main():
   if not args.report_only:
     load_before = os.getloadavg()[0]
     result = measure(args.clients, args.repeats)
-    doc = dict(report.provenance("nice -n 19 python benchmarks/dp_streaming.py " + " ".join(sys.argv[1:]),
+    doc = dict(report.provenance("python benchmarks/dp_streaming.py " + " ".join(sys.argv[1:]),
                                  load_before=load_before, load_after=os.getloadavg()[0]), **result)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     doc = report.rounded(doc, 4)

@@ -168,7 +168,7 @@ def render_table(d: dict | None = None) -> str:
                  f"{cell(r['speedup_vs_per_step'])} | {cell(r['speedup_vs_per_victim_jit'])} |")
   lo, hi = d["load_before"], d["load_after"]
   shared = (f"taken on a shared machine (load average {lo:.1f} before, {hi:.1f} after, on {d['machine']}), so "
-            "absolute times are inflated and ratios noisy" if max(lo, hi) > 1 else
+            "absolute times are inflated and ratios noisy" if report.shared_machine(lo, hi, d["machine"]) else
             f"load average {lo:.1f} before, {hi:.1f} after, on {d['machine']}")
   r0 = d["rows"][0]
   lines += ["", f"{r0['victims']} victims, {r0['steps']} iterations; baselines timed on {d['subset']} victims and "
@@ -228,7 +228,7 @@ def main():
     import jax
     load_before = os.getloadavg()[0]
     rows = measure(args)
-    doc = dict(report.provenance("nice -n 19 python benchmarks/inversion_batched.py " + " ".join(sys.argv[1:]),
+    doc = dict(report.provenance("python benchmarks/inversion_batched.py " + " ".join(sys.argv[1:]),
                                  load_before=load_before, load_after=os.getloadavg()[0]),
                backend=jax.default_backend(), subset=min(args.subset, args.victims), repeats=args.repeats,
                widths=args.widths, rows=rows)

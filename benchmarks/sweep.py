@@ -88,7 +88,9 @@ def render() -> str:
                  f"{e['stacked']:.1f} s | **{r['speedup']:.2f}x** | {r['max_abs_metric_diff']:.1e} |")
   loads = [x for r in d["results"] for x in (r["load_before"], r["load_after"])]
   shared = (f" The machine was shared (load average {min(loads):.1f}-{max(loads):.1f} on "
-            f"{d['cpus']} cores): both sides ran under the same load, so compare the ratios.") if max(loads) > 1 else ""
+            f"{d['cpus']} cores): both sides ran under the same load, so compare the ratios."
+            if report.shared_machine(min(loads), max(loads), d["machine"]) else
+            f" Load average {min(loads):.1f}-{max(loads):.1f} on {d['cpus']} cores.")
   lines += ["", f"Measured {d['date']} on {d['machine']} (commit {d['commit']}); jax {d['jax']}; backend "
             f"{d['backend']}. Command: `{d['command']}`. The largest difference is over the final accuracy and loss of "
             f"every value, sweep member against its separate run.{shared}"]

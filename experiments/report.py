@@ -74,6 +74,14 @@ def provenance(command: str, **extra) -> dict:
   return out
 
 
+def shared_machine(load_before: float, load_after: float, machine: str) -> bool:
+  """Whether a measurement's machine was shared: a load average above its core count (``machine`` as
+  ``provenance`` writes it, "... N CPU cores"; 1 core when it does not say). The benchmark's own
+  threads add up to about the core count, so a load below it says nothing else ran."""
+  m = re.search(r"(\d+) CPU cores", machine or "")
+  return max(load_before, load_after) > (int(m.group(1)) if m else 1)
+
+
 def rounded(tree, digits: int = 4):
   """Returns ``tree`` (dicts/lists of floats) with floats rounded and NaN as None, for small JSON files."""
   if isinstance(tree, dict):

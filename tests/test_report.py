@@ -228,3 +228,11 @@ def test_privacy_committed_rows_tag_a_legacy_file_as_one_run(tmp_path):
   assert rows == [{"setting": "hd_client", "target_epsilon": 1.0, "seed": 0, "accuracy": 0.5, "run": 0}]
   assert runs == [{"date": "d0", "machine": "m", "jax": "j", "commit": "c0", "command": "cmd0", "note": "cut"}]
   assert privacy.committed_rows(str(tmp_path / "absent.json")) == ([], [])
+
+
+def test_shared_machine_is_a_load_above_the_core_count():
+  from experiments import report
+  assert not report.shared_machine(0.3, 1.9, "x86_64 Linux, 2 CPU cores")  # the benchmark's own threads
+  assert report.shared_machine(0.3, 2.5, "x86_64 Linux, 2 CPU cores")
+  assert not report.shared_machine(6.0, 7.9, "x86_64 Linux, 8 CPU cores")
+  assert report.shared_machine(1.5, 0.2, "a machine that does not say")  # counted as 1 core
