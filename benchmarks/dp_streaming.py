@@ -166,13 +166,10 @@ def main():
     result = measure(args.clients, args.repeats)
     doc = dict(report.provenance("python benchmarks/dp_streaming.py " + " ".join(sys.argv[1:]),
                                  load_before=load_before, load_after=os.getloadavg()[0]), **result)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     doc = report.rounded(doc, 4)
     for name in FORMS:  # float rounding noise: keep 3 significant digits, not 4 decimals
       doc["forms"][name]["max_abs_diff_vs_stacked"] = float(f"{result['forms'][name]['max_abs_diff_vs_stacked']:.3g}")
-    with open(args.out, "w") as f:
-      json.dump(doc, f, indent=1)
-      f.write("\n")
+    report.write_json(args.out, doc)
     if os.path.abspath(args.out) != OUT:
       print(render_table(_load(args.out)))
       return

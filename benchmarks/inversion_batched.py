@@ -232,10 +232,7 @@ def main():
                                  load_before=load_before, load_after=os.getloadavg()[0]),
                backend=jax.default_backend(), subset=min(args.subset, args.victims), repeats=args.repeats,
                widths=args.widths, rows=rows)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(report.rounded(doc, 4), f, indent=1)
-      f.write("\n")
+    report.write_json(args.out, report.rounded(doc, 4))
     if os.path.abspath(args.out) != OUT:
       print(render_table(_load(args.out)))
       return

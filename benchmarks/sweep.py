@@ -111,10 +111,9 @@ def main():
     for name in args.workloads.split(","):
       results.append(measure(name))
       print(json.dumps(results[-1]), flush=True)
-    with open(OUT, "w") as f:
-      meta = report.provenance("python -m benchmarks.sweep" + (f" --workloads {args.workloads}"
-                                                                if args.workloads != ",".join(WORKLOADS) else ""))
-      json.dump({**meta, "cpus": os.cpu_count(), "backend": jax.default_backend(), "results": results}, f, indent=1)
+    meta = report.provenance("python -m benchmarks.sweep" + (f" --workloads {args.workloads}"
+                                                              if args.workloads != ",".join(WORKLOADS) else ""))
+    report.write_json(OUT, {**meta, "cpus": os.cpu_count(), "backend": jax.default_backend(), "results": results})
   report.update_all(names=("perf_sweep",))
   print(render())
 

@@ -74,6 +74,15 @@ def provenance(command: str, **extra) -> dict:
   return out
 
 
+def write_json(path: str, doc) -> None:
+  """Writes a small result file (indented JSON, final newline), creating its folder."""
+  import json
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(doc, f, indent=1)
+    f.write("\n")
+
+
 def shared_machine(load_before: float, load_after: float, machine: str) -> bool:
   """Whether a measurement's machine was shared: a load average above its core count (``machine`` as
   ``provenance`` writes it, "... N CPU cores"; 1 core when it does not say). The benchmark's own

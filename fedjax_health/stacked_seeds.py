@@ -219,7 +219,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, log: Callable[
   labels = [lab for lab, _, _, _ in members]
   seeds = [s for _, _, s, _ in members]
   data_by_seed, per_member = {}, []
-  for i, (lab, value, s, c) in enumerate(members):
+  for i, (lab, _, s, c) in enumerate(members):
     if s not in data_by_seed:
       data_by_seed[s] = data_registry.load_data(c.dataset, seed=s)
     data = data_by_seed[s]
