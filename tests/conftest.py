@@ -19,6 +19,16 @@ if "xla_force_host_platform_device_count" not in _flags:
 # as it is and kept; JAX_COMPILATION_CACHE_DIR= (empty) turns the cache off. Measured (jax 0.10.2,
 # CPU, -n 0): tests/test_checkpointing.py + test_launch.py's launcher tests took 76.5 s of CPU
 # without the cache, 43.2 s with it. Entries compiled in under 0.2 s are not written.
+
+# The suite's programs are small and run a few steps each, so XLA's backend optimisation (LLVM at
+# -O2 and its expensive passes) costs more than it saves: jax's own switch turns it down for the test
+# session (and, through the environment, for the launcher subprocesses). What is tested is the same
+# program, compiled with fewer LLVM passes; every equivalence test compares two paths compiled
+# alike. Measured (idle 2-core CPU, -n 2): tests/test_lowrank.py + test_step_buckets.py ran in
+# 240 s with it against about 325 s without (the same files' share of a full run). Set
+# JAX_DISABLE_MOST_OPTIMIZATIONS=0 to test the optimised compile.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 _OWN_CACHE = None
 if _CACHE_ENV not in os.environ:
