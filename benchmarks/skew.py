@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
@@ -186,6 +187,9 @@ def main():
   report = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {jax.default_backend()}",
             "date": time.strftime("%Y-%m-%d", time.gmtime()), "jax": jax.__version__, "repeats": args.repeats,
             "gemm_peak_gflops": peak, "points": []}
+  from experiments import report as report_lib
+  prov = report_lib.provenance("python -m benchmarks.skew " + " ".join(sys.argv[1:]))
+  report.update(commit=prov["commit"], command=prov["command"])
   if args.append and os.path.exists(JSON):
     with open(JSON) as f:
       old = json.load(f)
