@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from fedjax_health.traced import is_traced
+from fedjax_health.traced import as_number, is_traced
 
 Params = Any
 PyTree = Any
@@ -101,13 +101,12 @@ class SGD(optax.GradientTransformation):
 
 def sgd(learning_rate: float, momentum: float = 0.0) -> SGD:
   """Returns local SGD (heavy-ball ``momentum``, 0 = plain), tagged with its hyperparameters."""
-  traced = is_traced(learning_rate)  # a sweep's member (checked on the host) or a number
-  if not traced and learning_rate <= 0:
+  if not is_traced(learning_rate) and learning_rate <= 0:  # traced: a sweep's member, checked on the host
     raise ValueError(f"client learning_rate must be > 0, got {learning_rate}")
   if not 0 <= momentum < 1:
     raise ValueError(f"client momentum must be in [0, 1), got {momentum}")
   t = SGD(*optax.sgd(learning_rate, momentum=momentum or None))
-  t.learning_rate, t.momentum = learning_rate if traced else float(learning_rate), float(momentum)
+  t.learning_rate, t.momentum = as_number(learning_rate), float(momentum)
   return t
 
 

@@ -122,16 +122,12 @@ def run_stacked(experiments: list, seeds: list[int], config, log: Callable[[str]
   k = len(seeds)
   state = stack_trees([e.init_state for e in experiments])
   keys = jnp.stack([jax.random.key_data(jax.random.key(s + 1)) for s in seeds])
-  if rebuild is None:
-    vmapped = jax.vmap(lambda s, t, key: exp0.round_fn(s, t, jax.random.wrap_key_data(key)), in_axes=(0, None, 0))
-    step = jax.jit(vmapped, donate_argnums=(0,))
-    round_fn = lambda s, t, key: step(s, t, key)
-  else:
-    hp = {path: jnp.asarray(v, jnp.float32) for path, v in hparams.items()}
-    vmapped = jax.vmap(lambda h, s, t, key: rebuild(h)(s, t, jax.random.wrap_key_data(key)),
-                       in_axes=(0, 0, None, 0))
-    step = jax.jit(vmapped, donate_argnums=(1,))
-    round_fn = lambda s, t, key: step(hp, s, t, key)
+  if rebuild is None:  # no sweep: every member runs exp0's round, no hyperparameter is vmapped
+    rebuild, hparams = (lambda h: exp0.round_fn), {}
+  hp = {path: jnp.asarray(v, jnp.float32) for path, v in hparams.items()}
+  step = jax.jit(jax.vmap(lambda h, s, t, key: rebuild(h)(s, t, jax.random.wrap_key_data(key)),
+                          in_axes=(0, 0, None, 0)), donate_argnums=(1,))
+  round_fn = lambda s, t, key: step(hp, s, t, key)
   groups = list(dict.fromkeys(labels))  # swept values in order
   what = f"{k} members ({len(groups)} values x seeds {seeds[0]}..{seeds[-1]})" if labels[0] else (
       f"{k} seeds {seeds[0]}..{seeds[-1]}")
@@ -230,7 +226,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, log: Callable[
     model = simulation.build_model(c, data)
     if i == 0:
       first_data, first_model, first_config = data, model, c
-    if i == 0:  # every member holds its own round's working set at once
+      # every member holds its own round's working set at once
       streaming = c.algorithm in ("fedavg", "fedprox", "fedopt", "local", "pooled")
       resources.check_round_fits(c, data, model, stacked=not streaming, members=len(members))
     per_member.append(simulation.ALGORITHMS[c.algorithm](c, data, model))

@@ -13,3 +13,8 @@ import jax
 def is_traced(x) -> bool:
   """True for a JAX tracer (a value only known when the compiled program runs)."""
   return isinstance(x, jax.core.Tracer)
+
+
+def as_number(x):
+  """``x`` as it is when traced (a sweep's member), else as a Python float."""
+  return x if is_traced(x) else float(x)

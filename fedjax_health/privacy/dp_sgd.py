@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_health.privacy.dp import gaussian_like
-from fedjax_health.traced import is_traced
+from fedjax_health.traced import as_number, is_traced
 
 
 def per_example_grads(example_losses: Callable, params, x: jax.Array, y: jax.Array):
@@ -45,10 +45,6 @@ def clipped_sum(grads, mask: jax.Array, clip_norm: float) -> tuple:
     return jnp.sum(jnp.where(s > 0, g * s, 0.0), axis=0)
 
   return jax.tree.map(leaf_sum, grads), norms
-
-
-def _number(x):
-  return x if is_traced(x) else float(x)
 
 
 def dp_sgd_grad_fn(example_losses: Callable, clip_norm: float, noise_multiplier: float | None,
@@ -75,7 +71,7 @@ def dp_sgd_grad_fn(example_losses: Callable, clip_norm: float, noise_multiplier:
   if noise_multiplier is None:
     std = 0.0
   else:  # a traced z: one member of a sweep (fedjax_health/sweep.py)
-    std = _number(noise_multiplier) * _number(clip_norm)
+    std = as_number(noise_multiplier) * as_number(clip_norm)
   reg_grad = jax.grad(regularizer) if regularizer is not None else None
 
   def grad_fn(params, anchor, x, y, mask, rng):

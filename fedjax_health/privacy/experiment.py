@@ -31,7 +31,7 @@ from fedjax_health.algorithms.registry import build_fedavg_algorithm
 from fedjax_health.config_validation import register_check, require
 from fedjax_health.privacy import accounting, dp, dp_sgd, secagg
 from fedjax_health.simulation import Experiment, make_global_evaluate, register_algorithm
-from fedjax_health.traced import is_traced
+from fedjax_health.traced import as_number
 
 MECHANISMS = ("none", "central", "local", "distributed")
 SAMPLINGS = ("poisson", "fixed")
@@ -143,8 +143,7 @@ def _resolve_noise(level, make_event, delta, accountant) -> float | None:
     return None
   if mode == "calibrate":
     return accounting.calibrate_noise_multiplier(make_event, float(level.target_epsilon), delta, accountant)
-  z = level.noise_multiplier
-  return z if is_traced(z) else float(z)  # traced: one member of a sweep (fedjax_health/sweep.py)
+  return as_number(level.noise_multiplier)  # traced: one member of a sweep (fedjax_health/sweep.py)
 
 
 def build_privacy(config, data) -> dict:
@@ -173,7 +172,7 @@ def build_privacy(config, data) -> dict:
     out["client_noise"] = z
 
   transforms = [agg_base.reject_nonfinite()]
-  z, C = out["client_noise"], c.clip_norm if is_traced(c.clip_norm) else float(c.clip_norm)
+  z, C = out["client_noise"], as_number(c.clip_norm)
   if sa.enabled:
     k = sa.num_neighbors or _complete_degree(m)
     t = sa.threshold or k // 2 + 1
