@@ -21,7 +21,8 @@ def _free_port():
 
 def _env():
   env = dict(os.environ)
-  env["XLA_FLAGS"] = ""  # one CPU device per process
+  flags = env.get("XLA_FLAGS", "").split()  # one CPU device per process; conftest's other flags kept
+  env["XLA_FLAGS"] = " ".join(f for f in flags if "xla_force_host_platform_device_count" not in f)
   return env
 
 

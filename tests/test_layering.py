@@ -74,3 +74,20 @@ def test_old_import_paths_of_the_wiring_still_work():
   from fedjax_health import plugins
   assert {"fedjax_health.algorithms.clustered_experiment", "fedjax_health.algorithms.personalized_experiment",
           "fedjax_health.data.shifts_registry"} <= set(plugins.PLUGIN_MODULES)
+
+
+def test_runs_without_privacy_do_not_load_dp_accounting():
+  """dp-accounting pulls in scipy (1-2 s per process): the simulation, every plugin and the
+  accounting module itself load it only when an epsilon is computed."""
+  script = """
+import importlib, sys
+from fedjax_health import plugins, simulation
+from fedjax_health.privacy import accounting
+for name in plugins.PLUGIN_MODULES:
+  importlib.import_module(name)
+assert "dp_accounting" not in sys.modules, "dp_accounting loaded at import"
+event = accounting.client_level_event(1.0, 10, sampling_rate=0.1)
+assert "dp_accounting" in sys.modules and accounting.compute_epsilon(event, 1e-5) > 0
+"""
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]

@@ -24,17 +24,27 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable
+import types
+from typing import TYPE_CHECKING, Callable
 
-import dp_accounting
-from dp_accounting import dp_event, mechanism_calibration
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.rdp import rdp_privacy_accountant
+if TYPE_CHECKING:
+  from dp_accounting import dp_event
 
-NeighborRel = dp_accounting.NeighboringRelation
 ACCOUNTANTS = ("rdp", "pld")
 CLIENT_SAMPLING = ("poisson", "fixed", "local")
 MAX_NOISE_MULTIPLIER = 1e3
+
+
+@functools.cache
+def _lib() -> types.SimpleNamespace:
+  """dp-accounting's modules, imported on first use: the package loads scipy (1-2 s), which a run
+  without differential privacy (and ``import fedjax_health``) should not pay."""
+  import dp_accounting
+  from dp_accounting import dp_event as event, mechanism_calibration
+  from dp_accounting.pld import pld_privacy_accountant
+  from dp_accounting.rdp import rdp_privacy_accountant
+  return types.SimpleNamespace(event=event, calibration=mechanism_calibration, pld=pld_privacy_accountant,
+                               rdp=rdp_privacy_accountant, rel=dp_accounting.NeighboringRelation)
 
 
 def check_delta(delta: float) -> float:
@@ -57,8 +67,9 @@ def _check_rate(q: float, name: str = "sampling_rate") -> float:
 
 
 def _poisson_gaussian(q: float, z: float) -> dp_event.DpEvent:
-  g = dp_event.GaussianDpEvent(z)
-  return g if q == 1.0 else dp_event.PoissonSampledDpEvent(q, g)
+  ev = _lib().event
+  g = ev.GaussianDpEvent(z)
+  return g if q == 1.0 else ev.PoissonSampledDpEvent(q, g)
 
 
 def client_level_event(noise_multiplier: float, num_rounds: int, sampling: str = "poisson",
@@ -74,42 +85,43 @@ def client_level_event(noise_multiplier: float, num_rounds: int, sampling: str =
     if population is None or cohort_size is None or not 1 <= cohort_size <= population:
       raise ValueError(f"fixed-size sampling needs 1 <= cohort_size <= population, got "
                        f"cohort_size={cohort_size}, population={population}")
-    one = dp_event.SampledWithoutReplacementDpEvent(int(population), int(cohort_size),
-                                                    dp_event.GaussianDpEvent(z / 2.0))
+    one = _lib().event.SampledWithoutReplacementDpEvent(int(population), int(cohort_size),
+                                                        _lib().event.GaussianDpEvent(z / 2.0))
   elif sampling == "local":
-    one = dp_event.GaussianDpEvent(z / 2.0)
+    one = _lib().event.GaussianDpEvent(z / 2.0)
   else:
     raise ValueError(f"sampling must be one of {CLIENT_SAMPLING}, got {sampling!r}")
-  return dp_event.SelfComposedDpEvent(one, int(num_rounds))
+  return _lib().event.SelfComposedDpEvent(one, int(num_rounds))
 
 
 def patient_level_event(noise_multiplier: float, sampling_rate: float, num_steps: int) -> dp_event.DpEvent:
   """Returns the DpEvent of ``num_steps`` Poisson-sampled DP-SGD steps (Abadi et al. 2016)."""
   if num_steps < 0:
     raise ValueError(f"num_steps must be >= 0, got {num_steps}")
-  return dp_event.SelfComposedDpEvent(_poisson_gaussian(_check_rate(sampling_rate), _check_noise(noise_multiplier)),
-                                      int(num_steps))
+  step = _poisson_gaussian(_check_rate(sampling_rate), _check_noise(noise_multiplier))
+  return _lib().event.SelfComposedDpEvent(step, int(num_steps))
 
 
 def _has_fixed_size_sampling(event: dp_event.DpEvent) -> bool:
-  if isinstance(event, dp_event.SampledWithoutReplacementDpEvent):
+  if isinstance(event, _lib().event.SampledWithoutReplacementDpEvent):
     return True
-  if isinstance(event, dp_event.SelfComposedDpEvent):
+  if isinstance(event, _lib().event.SelfComposedDpEvent):
     return _has_fixed_size_sampling(event.event)
-  if isinstance(event, dp_event.ComposedDpEvent):
+  if isinstance(event, _lib().event.ComposedDpEvent):
     return any(_has_fixed_size_sampling(e) for e in event.events)
   return False
 
 
 def make_accountant(accountant: str, event: dp_event.DpEvent):
   """Returns a fresh dp-accounting accountant of kind ``accountant`` with the relation ``event`` needs."""
-  rel = NeighborRel.REPLACE_ONE if _has_fixed_size_sampling(event) else NeighborRel.ADD_OR_REMOVE_ONE
+  relation = _lib().rel
+  rel = relation.REPLACE_ONE if _has_fixed_size_sampling(event) else relation.ADD_OR_REMOVE_ONE
   if accountant == "rdp":
-    return rdp_privacy_accountant.RdpAccountant(neighboring_relation=rel)
+    return _lib().rdp.RdpAccountant(neighboring_relation=rel)
   if accountant == "pld":
-    if rel is NeighborRel.REPLACE_ONE:
+    if rel is relation.REPLACE_ONE:
       raise ValueError("accountant 'pld' does not support fixed-size (without replacement) sampling; use 'rdp'")
-    return pld_privacy_accountant.PLDAccountant(neighboring_relation=rel)
+    return _lib().pld.PLDAccountant(neighboring_relation=rel)
   raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
 
 
@@ -144,9 +156,9 @@ def calibrate_noise_multiplier(make_event: Callable[[float], dp_event.DpEvent], 
   lo = 1e-2
   if eps(lo) <= target_epsilon:
     return lo
-  z = mechanism_calibration.calibrate_dp_mechanism(
+  z = _lib().calibration.calibrate_dp_mechanism(
       lambda: make_accountant(accountant, make_event(1.0)), make_event, target_epsilon, delta,
-      mechanism_calibration.ExplicitBracketInterval(lo, max_noise_multiplier), tol=tol)
+      _lib().calibration.ExplicitBracketInterval(lo, max_noise_multiplier), tol=tol)
   while eps(z) > target_epsilon:  # Brent's answer is within tol of the optimum; stay on the safe side.
     z += tol
   return float(z)
