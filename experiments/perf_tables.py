@@ -106,6 +106,12 @@ def render_skew() -> str:
                  f"{ms[best]:,.0f} ({x(best)}, {path}) | {x('dense')} | {x('dense_static')} | {x('dense_padded')} | "
                  f"{x('python_loop')} | "
                  f"{loop} | {r['gflops'][best]:.1f} ({100 * r['fraction_of_gemm_peak'][best]:.0f}%) |")
+  for r in rep["points"]:
+    if "run" in r:  # a point added later by ``--append``, in its own process
+      run = r["run"]
+      lines += ["", f"The {r['workload']} point ({r['cohort']:,} clients) was measured apart: {run['date']}, commit "
+                    f"{run['commit'][:7]}, `{run['command']}`, GEMM peak {run['gemm_peak_gflops']:.0f} GFLOP/s, "
+                    f"median of {run['repeats']} rounds."]
   return "\n".join(lines)
 
 
