@@ -15,7 +15,6 @@ Writes docs/ftl_costs.json and docs/img/ftl_costs.png. ~5 min on a shared 2-core
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -28,6 +27,7 @@ from jax.flatten_util import ravel_pytree
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from experiments import report as report_lib  # noqa: E402
 from fedjax_health.transfer import data as tdata, experiment as ftl_exp, ftl  # noqa: E402
 from fedjax_health.transfer.fixed_point import FixedPoint  # noqa: E402
 from fedjax_health.transfer.paillier import PaillierProtocol  # noqa: E402
@@ -87,9 +87,9 @@ def main():
             f"B {row['costs']['B']['bytes_sent']:,}, err {err:.1e}", flush=True)
   out = {"benchmark": "ftl_costs", "unit": "one FTL epoch (both parties' cross products)",
          "fixed_point": {"frac_bits": fp.frac_bits, "max_abs": fp.max_abs}, "machine": platform.processor() or platform.machine(),
-         "cpus": os.cpu_count(), "rows": rows}
-  with open(OUT, "w") as f:
-    json.dump(out, f, indent=1)
+         "cpus": os.cpu_count(),
+         **report_lib.provenance("python benchmarks/ftl_costs.py " + " ".join(sys.argv[1:])), "rows": rows}
+  report_lib.write_json(OUT, out)
   plot(out)
 
 

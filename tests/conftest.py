@@ -3,6 +3,8 @@ XLA compilation cache per test session."""
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 # Must be set before jax is imported anywhere in the test session.
@@ -16,8 +18,20 @@ if "xla_force_host_platform_device_count" not in _flags:
 # (YNN/XNN fusions or XNNPACK off, codegen split, copy-insertion analysis) moved it by 10%. The whole
 # suite (-n 2, 764 passed both times) ran in 717 s instead of 1,187 s (sum of test durations 1,383 s
 # against 2,251 s). The flag changes code generation, not the program; set it in XLA_FLAGS to override.
-if "xla_cpu_use_fusion_emitters" not in _flags:
-  _flags += " --xla_cpu_use_fusion_emitters=false"
+
+
+def _xla_knows(flag: str) -> bool:
+  """XLA aborts on an XLA_FLAGS entry its jaxlib does not know (one that dropped this flag would fail
+  every test): a throwaway interpreter tries it first, ~1 s, once per session (xdist workers and
+  launcher subprocesses inherit the flags this process sets)."""
+  env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env,
+                        capture_output=True).returncode == 0
+
+
+_EMITTER_FLAG = "--xla_cpu_use_fusion_emitters=false"
+if "xla_cpu_use_fusion_emitters" not in _flags and _xla_knows(_EMITTER_FLAG):
+  _flags += " " + _EMITTER_FLAG
 os.environ["XLA_FLAGS"] = _flags.strip()
 
 # Most of the suite's time is XLA compilation, and many tests build the same program from fresh
