@@ -125,7 +125,8 @@ def main():
              else models.get_model("cnn", 10, shape, features=(32, 64), dense=128))
     plan = BatchPlanSpec.create(ds.client_sizes, batch, num_epochs=epochs)
     flops, model_bytes = round_cost(model, model.init(jax.random.key(0)), ds, plan)
-    # XLA CPU runs convolutions inside loops ~10x slower: unroll the local steps for the CNN.
+    # Unrolled CNN steps: measured when XLA CPU ran our CNN's convolution gradients ~10x slower inside
+    # loops (before models/conv.py); kept so that docs/perf_compare.json's figures stay reproducible.
     unroll = wl == "cnn"
     res = {"ours": bench_engine(model, ds, plan, args.width, args.repeats, unroll=unroll, fast_path="auto"),
            "ours_dense_path": bench_engine(model, ds, plan, args.width, args.repeats, unroll=unroll),

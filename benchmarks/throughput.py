@@ -82,16 +82,10 @@ def bench_engine(model, ds, plan, width, repeats, lr=0.1, unroll=1, fast_path="o
   return (t, first, path) if with_compile else t
 
 
-def make_engine_round(model, ds, plan, width=1, lr=0.1, unroll=1, fast_path="off", lowrank_width=None,
-                      map_unroll=None):
-  """Returns (one round as a zero-argument function, first call's time incl. compile, path).
-
-  ``unroll``: of each client's local steps; ``map_unroll``: of the map over client chunks (default:
-  ``unroll``).
-  """
+def make_engine_round(model, ds, plan, width=1, lr=0.1, unroll=1, fast_path="off", lowrank_width=None):
+  """Returns (one round as a zero-argument function, first call's time incl. compile, path)."""
   alg = fa.fedavg(model, num_clients=ds.num_clients, cohort_size=ds.num_clients, plan=plan,
-                  client_opt=client_lib.sgd(lr), clients_per_step=width, unroll=unroll,
-                  map_unroll=unroll if map_unroll is None else map_unroll,
+                  client_opt=client_lib.sgd(lr), clients_per_step=width, unroll=unroll, map_unroll=unroll,
                   fast_path=fast_path, lowrank_width=lowrank_width)
   state = alg.init(model.init(jax.random.key(0)))
   train = fa.device_train_data(ds)

@@ -22,7 +22,6 @@ def get_config(arg: str = ""):
   config.client.learning_rate = 0.05
   config.client.batch_size = 16
   config.client.num_epochs = 1
-  config.client.unroll = True  # convolutions inside XLA CPU loops are ~10x slower
   if arg == "smoke":
     config.num_rounds = 2
     config.model.features = (4, 8)

@@ -49,7 +49,6 @@ def get_config(arg: str = ""):
   config.client.batch_size = 16
   config.client.num_epochs = 0
   config.client.num_steps = 10
-  config.client.unroll = True  # convolutions inside a while loop are slow on XLA:CPU
 
   config.hetero.fd_weight = 1.0
   config.hetero.proto_weight = 1.0

@@ -140,7 +140,8 @@ def render_skew_verdict() -> str:
       line += f"; dense path {ms['dense'] / ms['centralised']:.2f}x"
     if "python_loop" in ms:
       s = ms["python_loop"] / ms[best]
-      line += (f"; {s:.1f}x faster than the Python loop (target >= 5x: {'met' if s >= 5 else 'not met'}; the "
+      than = f"{s:.1f}x faster than" if s >= 1 else f"{1 / s:.1f}x slower than"
+      line += (f"; {than} the Python loop (target >= 5x faster: {'met' if s >= 5 else 'not met'}; the "
                f"loop itself is {ms['python_loop'] / ms['centralised']:.1f}x the limit here)")
     lines.append(line + ".")
   return "\n".join(lines)

@@ -68,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   # "pow2": each client trains only its own steps, in buckets of 1, 2, 4, ... steps (a round costs the
   # cohort's real steps); "none": every client padded to the largest (same results, slower on skew).
   config.client.step_buckets = "pow2"
-  config.client.unroll = 1  # local-step scan unroll; True for CNNs on CPU (convs in loops are slow there)
+  config.client.unroll = 1  # local-step scan unroll (our CNN's convolutions are fast in loops: models/conv.py)
 
   # Server (FedOpt: pseudo-gradient = -aggregate).
   config.server = ml_collections.ConfigDict()
