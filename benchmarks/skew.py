@@ -105,7 +105,6 @@ def measure(workload: str, skew: str, cohort: int, which: str, repeats: int, pea
   else:
     ds = skewed_dataset(cohort, kind, sigma=value, power=value, mean=mean)
     model = models.get_model("mlp", 10, (784,), hidden=(200,))
-  unroll = 1
   plan = BatchPlanSpec.create(ds.client_sizes, 10, num_epochs=epochs)
   sizes = ds.client_sizes
   steps = -(-sizes * epochs // 10)
@@ -119,16 +118,15 @@ def measure(workload: str, skew: str, cohort: int, which: str, repeats: int, pea
   fns = {}
   if "central" in items:
     # the limit steps: the plan's steps of one client of mean size (2 for W1, 25 for 5 epochs of 50)
-    fns["centralised"] = make_centralised(model, ds, max(1, -(-mean * epochs // 10)), unroll=unroll, epochs=epochs)
+    fns["centralised"] = make_centralised(model, ds, max(1, -(-mean * epochs // 10)), epochs=epochs)
     jax.block_until_ready(fns["centralised"]())
   if "loop" in items:
-    fns["python_loop"] = make_python_loop(model, ds, plan, unroll=unroll)
+    fns["python_loop"] = make_python_loop(model, ds, plan)
     jax.block_until_ready(fns["python_loop"]())
   for name, (fast_path, buckets) in ENGINES.items():
     if name in items:
       p = dataclasses.replace(plan, step_buckets=buckets)
-      fns[name], row["first_call_s"][name], path = make_engine_round(model, ds, p, 1, unroll=unroll,
-                                                                     fast_path=fast_path)
+      fns[name], row["first_call_s"][name], path = make_engine_round(model, ds, p, 1, fast_path=fast_path)
       row.setdefault("paths", {})[name] = path
   medians = _interleaved_medians(fns, repeats)
   row["round_ms"] = {k: 1e3 * v for k, v in medians.items()}

@@ -11,7 +11,7 @@ CNN (8 clients x 4 unrolled local steps of batch 10, 2-core CPU): a scan over th
 ``conv_general_dilated`` below has a custom VJP that writes both gradients as canonical
 convolutions with explicit transposes (which XLA's CPU pipeline does not fold back), so every
 convolution of a training step is canonical wherever it runs: the same scan took 0.74 s. The maths
-is unchanged (tests/test_models.py compares values and gradients, also second order, with
+is unchanged (tests/test_conv.py compares values and gradients, also second order, with
 ``lax.conv_general_dilated``). Only stride 1, no dilation, one feature group, NHWC/HWIO; any other
 call goes to ``lax.conv_general_dilated`` unchanged. Reverse mode only (no ``jax.jvp`` through it).
 """
