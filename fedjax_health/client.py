@@ -201,9 +201,16 @@ def local_train_dynamic(trainer: ClientTrainer, params: Params, get_step: Callab
 
 
 def gather_client_batches(arrays: dict, offset: jax.Array, pos: jax.Array) -> dict:
-  """Gathers one client's ``[steps, batch, ...]`` examples from the flat arrays with one take each."""
+  """Gathers one client's ``[steps, batch, ...]`` examples from the flat arrays with one take each.
+
+  ``mode="clip"``: jnp.take's default ("fill") selects every gathered element against a NaN fill for
+  out-of-bounds rows, a second pass over the batch (W1 round on the low-rank path: 269 -> 234 ms,
+  1.54x -> 1.34x the centralised limit). The only out-of-bounds rows are masked slots of an empty
+  last client (its offset is the arrays' length); clamped, they read a real row that the mask drops,
+  where the NaN fill made the low-rank path reject the client as non-finite.
+  """
   idx = offset + pos
-  return {k: jnp.take(v, idx, axis=0) for k, v in arrays.items()}
+  return {k: jnp.take(v, idx, axis=0, mode="clip") for k, v in arrays.items()}
 
 
 def map_clients(fn: Callable, xs: PyTree, width: int = 1) -> PyTree:

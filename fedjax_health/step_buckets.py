@@ -140,7 +140,7 @@ def bucketed_map_sum(buckets: tuple[Bucket, ...], xs: PyTree, lengths: jax.Array
       slot = first + i * width + jnp.arange(width, dtype=jnp.int32)
       valid = slot < stop
       idx = order[slot]
-      x = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), xs)
+      x = jax.tree.map(lambda a: jnp.take(a, idx, axis=0, mode="clip"), xs)
       contrib, small = jax.vmap(b.fn)(x)
       acc = jax.tree.map(jnp.add, acc, chunk_sum(contrib, valid))
       dest = jnp.where(valid, idx, cohort)  # padded lanes scatter nowhere

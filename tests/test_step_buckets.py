@@ -179,3 +179,20 @@ def test_sharded_buckets_equal_single_device(require_host_devices):
   mesh = client_lib.make_client_mesh(4)
   for kw in (dict(fast_path="lowrank", lowrank_width=2), dict(fast_path="off", aggregator=robust.coordinate_median())):
     _assert_same(_rounds(ds, "pow2", cohort=8, mesh=mesh, **kw), _rounds(ds, "none", cohort=8, **kw))
+
+
+@pytest.mark.parametrize("fast_path,buckets", [("lowrank", "pow2"), ("off", "none")])  # "none": gathers its steps
+def test_empty_last_client_reads_in_bounds(fast_path, buckets):
+  """An empty last client's masked slots point one row past the flat arrays (its offset is their
+  length): the gather clamps instead of filling NaN, so it is neither rejected nor a NaN loss, and
+  the round equals the same population without it."""
+  rng = np.random.default_rng(0)
+  clients = [{"x": rng.normal(size=(n, 6)).astype(np.float32), "y": rng.integers(0, 3, n).astype(np.int32)}
+             for n in (3, 4, 0)]
+  with_empty, without = from_client_arrays(clients), from_client_arrays(clients[:2])
+  kw = dict(rounds=1, fast_path=fast_path, client_opt=client_lib.sgd(0.1), weighting="examples_used")
+  alg, state, (metrics,) = _rounds(with_empty, buckets, **kw)
+  _, state_ref, _ = _rounds(without, buckets, **kw)
+  assert int(metrics["num_nonfinite"]) == 0
+  assert np.isfinite(float(metrics["train_loss"])), metrics
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), state.params, state_ref.params)
