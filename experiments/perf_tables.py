@@ -1,7 +1,8 @@
 """README performance tables, rendered from the committed benchmark JSON (``experiments/report.py``).
 
 ``docs/perf_compare.json`` comes from ``python -m benchmarks.compare``; ``docs/perf_scale.json``
-from ``python -m benchmarks.scale``; ``docs/perf_skew.json`` from ``python -m benchmarks.skew``.
+from ``python -m benchmarks.scale``; ``docs/perf_skew.json`` from ``python -m benchmarks.skew``;
+``docs/perf_small_gemm.json`` from ``python -m benchmarks.small_gemm``.
 Nothing here measures anything.
 """
 
@@ -16,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPARE = os.path.join(ROOT, "docs", "perf_compare.json")
 SCALE = os.path.join(ROOT, "docs", "perf_scale.json")
 SKEW = os.path.join(ROOT, "docs", "perf_skew.json")
+SMALL_GEMM = os.path.join(ROOT, "docs", "perf_small_gemm.json")
 # Workload definitions (benchmarks/baselines/workloads.py), not measurements.
 WORKLOADS = {"w1": "W1: 1000 clients x 20 ex., batch 10, MLP 784-200-10",
              "cnn": "CNN: 20 clients x 5 steps of 10, EMNIST CNN 28x28"}
@@ -147,7 +149,30 @@ def render_skew_verdict() -> str:
   return "\n".join(lines)
 
 
+def render_small_gemm() -> str:
+  """The dense step's cost against its batch size (``benchmarks/small_gemm.py``)."""
+  with open(SMALL_GEMM) as f:
+    d = json.load(f)
+  prov = d["provenance"]
+  by = {(p["workload"], p["rows"]): p for p in d["points"]}
+  rows = sorted({p["rows"] for p in d["points"]})
+  lines = [f"Measured {prov['date']} on {prov['machine']} (commit {prov['commit']}, `{prov['command']}`), "
+           f"f32 GEMM peak {d['gemm_peak_gflops']:.0f} GFLOP/s; median of {d['repeats']} calls of "
+           f"{d['steps_per_call']} steps.", "",
+           "| rows per step | first layer: µs per step | µs per 10 rows | GFLOP/s (% of peak) | MLP local step: "
+           "µs per step | µs per 10 rows | GFLOP/s (% of peak) |", "|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    cells = [f"{r:,}"]
+    for w in ("layer1", "mlp_step"):
+      p = by.get((w, r))
+      cells += ["-"] * 3 if p is None else [f"{p['us_per_step']:,.0f}", f"{p['us_per_10_rows']:.1f}",
+                                            f"{p['gflops']:.0f} ({100 * p['fraction_of_peak']:.0f}%)"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 report.register("perf_skew", render_skew, sources=(SKEW,))
+report.register("perf_small_gemm", render_small_gemm, sources=(SMALL_GEMM,))
 report.register("perf_skew_verdict", render_skew_verdict, sources=(SKEW,))
 report.register("perf_compare", render_compare, sources=(COMPARE,))
 report.register("perf_scale", render_scale, sources=(SCALE,))

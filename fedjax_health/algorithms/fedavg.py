@@ -166,13 +166,16 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     share of the cohort: a bucket's last chunk is padded to the width, so a chunk far wider than the
     bucket's clients would pay for empty lanes. Measured on 1,000 lognormal clients (sigma 1, 6
     buckets, 2-core CPU): chunks of 10-20 clients ran the round in 244-246 ms, 41 in 259, 83 in 311.
+    The cap stops at ``MIN_LOWRANK_CHUNK`` clients: on 100 such clients (cap 2) chunks of 8-16 ran
+    the round 10% faster than chunks of 2 (batch-10 GEMMs of a few dozen rows use the cores poorly,
+    ``benchmarks/small_gemm.py``), 32 slower again.
     """
     if not use_lowrank or (fast_path == "auto" and not lowrank_lib.suitable(chain, shapes, length, batch)):
       return 0
     if lowrank_width:
       return lowrank_width
     w = lowrank_lib.chunk_width(chain, shapes, length, batch, per_device, jax.default_backend())
-    return w if num_buckets == 1 else max(1, min(w, per_device // (8 * num_buckets)))
+    return w if num_buckets == 1 else max(1, min(w, max(MIN_LOWRANK_CHUNK, per_device // (8 * num_buckets))))
 
   # Dense clients one at a time run their exact steps (a dynamic trip count; not with unrolled steps,
   # which CNNs on CPU need, nor wider cohort maps, which vmap them).
@@ -331,6 +334,9 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     return ServerState(params, opt_state, agg_state, state.round + 1), metrics
 
   return FederatedAlgorithm(init, round_fn, trainer, plan, cohort_size, "+".join(sorted(paths, reverse=True)))
+
+
+MIN_LOWRANK_CHUNK = 8  # clients per low-rank chunk below which the several-bucket cap stops (lowrank_at)
 
 
 def _use_lowrank(fast_path: str, chain, model, shapes, plan: BatchPlanSpec, **setting) -> bool:
