@@ -158,7 +158,7 @@ def render_small_gemm() -> str:
   rows = sorted({p["rows"] for p in d["points"]})
   lines = [f"Measured {prov['date']} on {prov['machine']} (commit {prov['commit']}, `{prov['command']}`), "
            f"f32 GEMM peak {d['gemm_peak_gflops']:.0f} GFLOP/s; median of {d['repeats']} calls of "
-           f"{d['steps_per_call']} steps.", "",
+           f"{d['rows_per_call']:,} examples each, round-robin.", "",
            "| rows per step | first layer: µs per step | µs per 10 rows | GFLOP/s (% of peak) | MLP local step: "
            "µs per step | µs per 10 rows | GFLOP/s (% of peak) |", "|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
