@@ -17,7 +17,7 @@ example times the example-gradients of the round) is reported against the machin
 GEMM peak. The machine's load (``os.getloadavg``) is stored with every point: on a shared CPU
 compare ratios, not times.
 
-  python -m benchmarks.skew                   # the default sweep (~15 min idle 2-core CPU; hours under load)
+  python -m benchmarks.skew                   # the default sweep (~20 min idle 2-core CPU; hours under load)
   python -m benchmarks.skew --report_only     # rebuild docs/performance.md's table and the plot
 
 Writes ``docs/perf_skew.json`` and ``docs/img/perf_skew.png``; the tables and verdicts in
@@ -48,7 +48,7 @@ from fedjax_health.data.federated import BatchPlanSpec
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JSON = os.path.join(ROOT, "docs", "perf_skew.json")
 PNG = os.path.join(ROOT, "docs", "img", "perf_skew.png")
-# (workload, skew, cohort, baselines): the sweep that fits ~15 minutes on a shared 2-core CPU.
+# (workload, skew, cohort, baselines): the sweep that fits ~20 minutes on an idle 2-core CPU.
 DEFAULT_POINTS = (  # most important first: the JSON is rewritten after every point
     ("mlp", "lognormal:1", 1000, "central,loop,lowrank,dense,dense_static,dense_padded"),
     ("mlp", "lognormal:0", 1000, "central,loop,lowrank,dense,dense_padded"),
@@ -58,7 +58,7 @@ DEFAULT_POINTS = (  # most important first: the JSON is rewritten after every po
     ("mlp25", "lognormal:0", 1000, "central,lowrank,dense"),
     ("mlp", "lognormal:1", 10000, "central,lowrank,dense"),
     ("mlp", "lognormal:1", 100, "central,loop,lowrank,dense"),
-    ("cnn", "lognormal:1", 100, "central,dense,dense_padded"),
+    ("cnn", "lognormal:1", 100, "central,loop,dense,dense_static,dense_padded"),
 )
 
 
