@@ -90,11 +90,16 @@ def main():
   ap.add_argument("--repeats", type=int, default=15)
   ap.add_argument("--out", default=JSON)
   args = ap.parse_args()
+  try:
+    rows_list = [int(r) for r in args.rows.split(",")]
+  except ValueError:
+    rows_list = []
+  if not rows_list or any(r < 1 for r in rows_list):
+    raise SystemExit(f"--rows must be a comma-separated list of positive integers, got {args.rows!r}")
+  if args.repeats < 1:
+    raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
   from experiments import report as report_lib
   peak = matmul_peak_gflops()
-  rows_list = [int(r) for r in args.rows.split(",")]
-  if any(r < 1 for r in rows_list):
-    raise ValueError(f"--rows must be positive integers, got {args.rows!r}")
   load_before = os.getloadavg()[0]
   flops = {w: flops_per_row(w) for w in ("layer1", "mlp_step")}
   calls = {}
