@@ -169,6 +169,32 @@ def write_report(report: dict) -> None:
   report_lib.update_all(names=["perf_skew", "perf_skew_verdict"])
 
 
+BASELINES = ("central", "loop") + tuple(ENGINES)
+
+
+def _parse_point(text: str) -> tuple[str, str, int, str]:
+  """``workload/skew/cohort/baselines`` -> a point, or SystemExit naming what is wrong (before any measurement)."""
+  parts = text.split("/")
+  if len(parts) != 4:
+    raise SystemExit(f"--points: {text!r} is not workload/skew/cohort/baselines")
+  workload, skew, cohort, which = parts
+  if workload not in ("mlp", "mlp25", "cnn"):
+    raise SystemExit(f"--points: workload must be mlp, mlp25 or cnn, got {workload!r} in {text!r}")
+  kind, _, value = skew.partition(":")
+  try:
+    float(value)
+  except ValueError:
+    value = None
+  if kind not in ("lognormal", "power_law") or value is None:
+    raise SystemExit(f"--points: skew must be lognormal:<sigma> or power_law:<a>, got {skew!r} in {text!r}")
+  if not cohort.isdigit() or int(cohort) < 1:
+    raise SystemExit(f"--points: cohort must be a positive integer, got {cohort!r} in {text!r}")
+  unknown = [b for b in which.split(",") if b not in BASELINES]
+  if unknown:
+    raise SystemExit(f"--points: unknown baselines {unknown} in {text!r}; known: {', '.join(BASELINES)}")
+  return workload, skew, int(cohort), which
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--points", default="", help="workload/skew/cohort/items;... (default: DEFAULT_POINTS)")
@@ -181,8 +207,9 @@ def main():
     with open(JSON) as f:
       write_report(json.load(f))
     return
-  points = DEFAULT_POINTS if not args.points else tuple(
-      (w, s, int(c), i) for w, s, c, i in (p.split("/") for p in args.points.split(";")))
+  if args.repeats < 1:
+    raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
+  points = DEFAULT_POINTS if not args.points else tuple(_parse_point(p) for p in args.points.split(";"))
   peak = matmul_peak_gflops()
   report = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {jax.default_backend()}",
             "date": time.strftime("%Y-%m-%d", time.gmtime()), "jax": jax.__version__, "repeats": args.repeats,
