@@ -62,7 +62,7 @@ DEFAULT_POINTS = (  # most important first: the JSON is rewritten after every po
 )
 
 
-def _flops_per_example(model, example_x, example_y) -> float:
+def flops_per_example(model, example_x, example_y) -> float:
   """XLA's FLOP count of one SGD step on one example (forward + backward + update)."""
   params = model.init(jax.random.key(0))
   step = jax.jit(lambda p: jax.tree.map(lambda a, g: a - 0.1 * g, p, jax.grad(
@@ -113,7 +113,7 @@ def measure(workload: str, skew: str, cohort: int, which: str, repeats: int, pea
          "real_steps": int(steps.sum()), "empty_clients": int((sizes == 0).sum()), "round_ms": {},
          "first_call_s": {}, "load_before": os.getloadavg()[0]}
   example_grads = int(sizes.sum()) * epochs
-  flops = _flops_per_example(model, jnp.asarray(ds.x[0]), jnp.asarray(ds.y[0])) * example_grads
+  flops = flops_per_example(model, jnp.asarray(ds.x[0]), jnp.asarray(ds.y[0])) * example_grads
   items = which.split(",")
   fns = {}
   if "central" in items:

@@ -79,9 +79,9 @@ def flops_per_row(workload: str) -> float:
   count for one example's MLP step (``benchmarks.skew``'s, so the GFLOP/s compare with its table)."""
   if workload == "layer1":
     return 2 * 2 * D_IN * D_HIDDEN
-  from benchmarks.skew import _flops_per_example
+  from benchmarks.skew import flops_per_example
   model = models.get_model("mlp", CLASSES, (D_IN,), hidden=(D_HIDDEN,))
-  return _flops_per_example(model, jnp.zeros((D_IN,)), jnp.zeros((), jnp.int32))
+  return flops_per_example(model, jnp.zeros((D_IN,)), jnp.zeros((), jnp.int32))
 
 
 def main():

@@ -181,18 +181,25 @@ def test_sharded_buckets_equal_single_device(require_host_devices):
     _assert_same(_rounds(ds, "pow2", cohort=8, mesh=mesh, **kw), _rounds(ds, "none", cohort=8, **kw))
 
 
-@pytest.mark.parametrize("fast_path,buckets", [("lowrank", "pow2"), ("off", "none")])  # "none": gathers its steps
-def test_empty_last_client_reads_in_bounds(fast_path, buckets):
+def test_gather_clamps_rows_past_the_arrays():
   """An empty last client's masked slots point one row past the flat arrays (its offset is their
-  length): the gather clamps instead of filling NaN, so it is neither rejected nor a NaN loss, and
-  the round equals the same population without it."""
+  length): the gather reads the last real row (which the mask drops) instead of a NaN fill."""
+  arrays = {"x": jnp.arange(12.0).reshape(4, 3), "y": jnp.arange(4)}
+  got = client_lib.gather_client_batches(arrays, jnp.int32(4), jnp.zeros((2, 2), jnp.int32))
+  np.testing.assert_array_equal(got["x"], np.broadcast_to(np.arange(9.0, 12.0), (2, 2, 3)))
+  np.testing.assert_array_equal(got["y"], np.full((2, 2), 3))
+
+
+def test_empty_last_client_is_not_rejected_on_the_lowrank_path():
+  """With the NaN fill the low-rank factors of an empty last client held NaN rows, and the round
+  rejected it as non-finite; now it is skipped and the round equals the population without it."""
   rng = np.random.default_rng(0)
   clients = [{"x": rng.normal(size=(n, 6)).astype(np.float32), "y": rng.integers(0, 3, n).astype(np.int32)}
              for n in (3, 4, 0)]
   with_empty, without = from_client_arrays(clients), from_client_arrays(clients[:2])
-  kw = dict(rounds=1, fast_path=fast_path, client_opt=client_lib.sgd(0.1), weighting="examples_used")
-  alg, state, (metrics,) = _rounds(with_empty, buckets, **kw)
-  _, state_ref, _ = _rounds(without, buckets, **kw)
+  kw = dict(rounds=1, fast_path="lowrank", client_opt=client_lib.sgd(0.1))
+  _, state, (metrics,) = _rounds(with_empty, "pow2", **kw)
+  _, state_ref, _ = _rounds(without, "pow2", **kw)
   assert int(metrics["num_nonfinite"]) == 0
   assert np.isfinite(float(metrics["train_loss"])), metrics
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), state.params, state_ref.params)

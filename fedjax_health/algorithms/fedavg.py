@@ -166,9 +166,10 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     share of the cohort: a bucket's last chunk is padded to the width, so a chunk far wider than the
     bucket's clients would pay for empty lanes. Measured on 1,000 lognormal clients (sigma 1, 6
     buckets, 2-core CPU): chunks of 10-20 clients ran the round in 244-246 ms, 41 in 259, 83 in 311.
-    The cap stops at ``MIN_LOWRANK_CHUNK`` clients: on 100 such clients (cap 2) chunks of 8-16 ran
-    the round 10% faster than chunks of 2 (batch-10 GEMMs of a few dozen rows use the cores poorly,
-    ``benchmarks/small_gemm.py``), 32 slower again.
+    The cap stops at ``MIN_LOWRANK_CHUNK`` clients: on 100 such clients (cap 2) chunks of 8 ran the
+    round ~10% faster than chunks of 2 in two A/Bs (2.62x vs 2.91x and 3.15x vs 3.50x the limit;
+    batch-10 GEMMs of a few dozen rows use the cores poorly, ``benchmarks/small_gemm.py``); 16 was
+    not consistently better, 32 was slower (3.11x).
     """
     if not use_lowrank or (fast_path == "auto" and not lowrank_lib.suitable(chain, shapes, length, batch)):
       return 0
