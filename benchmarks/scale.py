@@ -49,7 +49,7 @@ def measure(workload: str, cohort: int, width: int, repeats: int) -> dict:
   alg = fa.fedavg(model, num_clients=ds.num_clients, cohort_size=ds.num_clients, plan=plan,
                   client_opt=client_lib.sgd(0.05), clients_per_step=width, fast_path=fast_path)
   state = alg.init(model.init(jax.random.key(0)))
-  train = fa.device_train_data(ds)
+  train = fa.device_train_data(ds, alg.gram_rows)
   round_fn = jax.jit(alg.round_fn, donate_argnums=(0,))
   state, _ = round_fn(state, train, jax.random.key(1))
   jax.block_until_ready(state)

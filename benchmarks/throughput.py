@@ -82,13 +82,18 @@ def bench_engine(model, ds, plan, width, repeats, lr=0.1, unroll=1, fast_path="o
   return (t, first, path) if with_compile else t
 
 
-def make_engine_round(model, ds, plan, width=1, lr=0.1, unroll=1, fast_path="off", lowrank_width=None):
-  """Returns (one round as a zero-argument function, first call's time incl. compile, path)."""
+def make_engine_round(model, ds, plan, width=1, lr=0.1, unroll=1, fast_path="off", lowrank_width=None,
+                      gram_table=True):
+  """Returns (one round as a zero-argument function, first call's time incl. compile, path).
+
+  ``gram_table``: give the round the precomputed input Gram table (``device_train_data(ds,
+  alg.gram_rows)``, as simulations do); False forms the Gram matrices every round.
+  """
   alg = fa.fedavg(model, num_clients=ds.num_clients, cohort_size=ds.num_clients, plan=plan,
                   client_opt=client_lib.sgd(lr), clients_per_step=width, unroll=unroll, map_unroll=unroll,
                   fast_path=fast_path, lowrank_width=lowrank_width)
   state = alg.init(model.init(jax.random.key(0)))
-  train = fa.device_train_data(ds)
+  train = fa.device_train_data(ds, alg.gram_rows if gram_table else 0)
   round_fn = jax.jit(alg.round_fn)
   holder = {"state": state}
 

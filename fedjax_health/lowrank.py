@@ -17,6 +17,10 @@ with ``a`` and ``v`` coefficient vectors over the steps. A client never material
     once), plus a correction through ``b x kb`` Gram matrices;
   * FedAvg's weighted sum ``sum_c w_c dW_c = H_all^T (w a G)_all``: one GEMM per layer per chunk.
 
+The input Gram matrices ``x x^T`` depend on the data alone. ``gram_table`` computes every small
+client's once (``fedavg.device_train_data(ds, gram_rows)``) and ``slot_gram`` looks a client's slots
+up: the batched ``[k*b, d] x [d, k*b]`` products ran at ~25 GFLOP/s, a tenth of a skewed round.
+
 In exact arithmetic this equals per-client training with dense weights; in float32 the two agree
 to rounding (tested against the plain path). It wins when ``k*b*(d_in + d_out)`` is small next to
 ``d_in * d_out`` (cross-device clients with little data and wide layers, workload W1); otherwise
@@ -44,6 +48,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_health import models as models_lib
 
@@ -118,8 +123,56 @@ def _gram_sq_norm(gram_h: jax.Array, u: jax.Array) -> jax.Array:
   return jnp.sum(gram_h.reshape(gram_u.shape) * gram_u)
 
 
+def gram_table(x: np.ndarray, offsets: np.ndarray, max_rows: int, block_bytes: float = 64e6) -> np.ndarray:
+  """Returns ``[N, max_rows]``: each example's inner products with its own client's examples.
+
+  Row ``offsets[c] + i`` holds ``<x_i, x_j>`` for the client's examples ``j < n_c`` (flattened
+  inputs, the first dense layer's), zero past ``n_c``; clients with more than ``max_rows`` examples get
+  zero rows. The data Gram matrices ``local_train`` needs are these entries at the slots' positions
+  (``slot_gram``): they depend on the data only, so a simulation computes them once instead of
+  every round (batched ``[k*b, d] x [d, k*b]`` products run at ~25 GFLOP/s on CPU, a tenth of a skewed
+  round). Memory: ``max_rows / d`` of the inputs'.
+  """
+  if not isinstance(max_rows, (int, np.integer)) or max_rows < 1:
+    raise ValueError(f"max_rows must be a positive int, got {max_rows!r}")
+  offsets = np.asarray(offsets, np.int64)
+  flat = np.asarray(x).reshape(len(x), -1)
+  if not np.issubdtype(flat.dtype, np.floating):
+    flat = flat.astype(np.float32)
+  sizes = np.diff(offsets)
+  if len(sizes) and (np.any(sizes < 0) or offsets[-1] > len(flat) or offsets[0] < 0):
+    raise ValueError(f"offsets must be non-decreasing within [0, {len(flat)}], got {offsets[:3]}...{offsets[-3:]}")
+  table = np.zeros((len(flat), max_rows), flat.dtype)
+  small = np.flatnonzero((sizes > 0) & (sizes <= max_rows))
+  rows = np.arange(max_rows)
+  per_block = max(1, int(block_bytes // (max_rows * flat.shape[1] * flat.dtype.itemsize)))
+  for start in range(0, len(small), per_block):  # one batched product per block of clients (~block_bytes)
+    cs = small[start:start + per_block]
+    n = sizes[cs]
+    valid = rows[None, :] < n[:, None]  # [B, max_rows]
+    idx = np.where(valid, offsets[cs][:, None] + rows[None, :], 0)
+    xb = flat[idx] * valid[..., None]  # [B, max_rows, d]; rows past n_c are zero
+    gram = np.matmul(xb, np.swapaxes(xb, 1, 2))  # [B, max_rows, max_rows]
+    table[idx[valid]] = gram[valid]
+  return table
+
+
+def slot_gram(table: jax.Array, offset: jax.Array, pos: jax.Array) -> jax.Array:
+  """Returns one client's ``[k*b, k*b]`` input Gram at its slots from ``gram_table`` (``pos [k, b]``).
+
+  Entry ``(s, r)`` is ``<x[offset + pos_s], x[offset + pos_r]>``: exactly what ``x @ x.T`` of the
+  gathered batch gives, masked slots (position 0) included. Every position must be below the table's
+  width (the client holds at most ``table.shape[1]`` examples).
+  """
+  p = pos.reshape(-1)
+  rows = jnp.take(table, offset + p, axis=0, mode="clip")  # [k*b, max_rows]
+  return jnp.take_along_axis(rows, jnp.broadcast_to(p[None, :], rows.shape[:1] + p.shape), axis=1,
+                             mode="clip")
+
+
 def local_train(chain: DenseChain, params: Params, xs: jax.Array, ys: jax.Array, mask: jax.Array, *,
-                learning_rate: float, momentum: float = 0.0, prox_mu: float = 0.0):
+                learning_rate: float, momentum: float = 0.0, prox_mu: float = 0.0,
+                gram_x: jax.Array | None = None):
   """Returns (factors, aux) of one client's local SGD from ``params``, never forming its weights.
 
   Args:
@@ -129,11 +182,12 @@ def local_train(chain: DenseChain, params: Params, xs: jax.Array, ys: jax.Array,
     ``dW = H^T U`` (contracting steps and batch) and ``db``; aux: ``loss`` (mean over active steps,
     including the proximal term as the plain path reports it), ``num_steps``, ``num_examples``,
     ``sq_norm`` (squared norm of the whole delta, via Gram matrices).
+  gram_x: optional ``[k*b, k*b]`` Gram of the flattened inputs (``slot_gram``); default ``x @ x.T``.
   """
   k, b = mask.shape
   if k > MAX_STEPS:
     return _local_train_rolled(chain, params, xs, ys, mask, learning_rate=learning_rate, momentum=momentum,
-                               prox_mu=prox_mu)
+                               prox_mu=prox_mu, gram_x=gram_x)
   x = xs.reshape(k * b, -1)
   wb = _weights(params, chain)
   n_layers = len(wb)
@@ -141,7 +195,7 @@ def local_train(chain: DenseChain, params: Params, xs: jax.Array, ys: jax.Array,
   # The first layer's product with the shared weights for every step at once (one GEMM per chunk)
   # and the Gram matrix of the client's inputs (its blocks give the first layer's corrections).
   z0 = (x @ wb[0][0]).reshape(k, b, -1)
-  gram_x = (x @ x.T).reshape(k, b, k, b)
+  gram_x = _input_gram(x, gram_x).reshape(k, b, k, b)
   a = jnp.zeros((k,), x.dtype)
   v = jnp.zeros((k,), x.dtype)
   gs: list[list[jax.Array]] = [[] for _ in wb]  # per layer, per step: dL/dz [b, d_out]
@@ -209,8 +263,16 @@ def local_train(chain: DenseChain, params: Params, xs: jax.Array, ys: jax.Array,
   return factors, aux
 
 
+def _input_gram(x: jax.Array, gram_x: jax.Array | None) -> jax.Array:
+  if gram_x is None:
+    return x @ x.T
+  if gram_x.shape != (x.shape[0], x.shape[0]):
+    raise ValueError(f"gram_x must be [k*b, k*b] = {(x.shape[0],) * 2}, got {gram_x.shape}")
+  return gram_x.astype(x.dtype)
+
+
 def _local_train_rolled(chain: DenseChain, params: Params, xs, ys, mask, *, learning_rate: float,
-                        momentum: float, prox_mu: float):
+                        momentum: float, prox_mu: float, gram_x: jax.Array | None = None):
   """``local_train`` as a ``lax.scan`` over steps with fixed-size factor buffers (any number of steps)."""
   k, b = mask.shape
   x = xs.reshape(k * b, -1)
@@ -218,7 +280,7 @@ def _local_train_rolled(chain: DenseChain, params: Params, xs, ys, mask, *, lear
   n_layers = len(wb)
   act = chain.activation or (lambda z: z)
   z0 = (x @ wb[0][0]).reshape(k, b, -1)
-  gram_x = (x @ x.T).reshape(k, b, k, b)
+  gram_x = _input_gram(x, gram_x).reshape(k, b, k, b)
   # Buffers of every step's dL/dz (per layer) and input (layers >= 1); rows of later steps stay zero.
   gs0 = [jnp.zeros_like(x, shape=(k, b, w.shape[1])) for w, _ in wb]
   hs0 = [jnp.zeros_like(x, shape=(k, b, w.shape[0])) for w, _ in wb[1:]]

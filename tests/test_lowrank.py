@@ -109,12 +109,14 @@ def _round_fn(fast_path, client_sizes, dim, *, cohort, width, server, momentum, 
 
 
 def _run(fast_path, ds, *, rounds=2, cohort=6, width=None, server="sgd", momentum=0.0, prox_mu=0.0, mesh=None,
-         num_steps=None):
+         num_steps=None, gram=False, corrupt_gram=False):
   model, alg, round_fn = _round_fn(fast_path, ds.client_sizes, ds.x.shape[1], cohort=cohort, width=width,
                                    server=server, momentum=momentum, prox_mu=prox_mu, mesh=mesh, num_steps=num_steps)
   assert alg.path == ("plain" if fast_path == "off" else "lowrank")
   state = alg.init(model.init(jax.random.key(0)))
-  train = fa.device_train_data(ds)
+  train = fa.device_train_data(ds, alg.gram_rows if gram else 0)
+  if corrupt_gram:
+    train["gram"] = train["gram"] * 1.5
   history = []
   for _ in range(rounds):
     state, metrics = round_fn(state, train, jax.random.key(3))
@@ -136,6 +138,68 @@ def _assert_same_rounds(a, b):
 def test_round_equals_plain_path(setting):
   ds = _data()
   _assert_same_rounds(_run("lowrank", ds, **setting), _run("off", ds, **setting))
+
+
+@pytest.mark.parametrize("setting", [dict(), dict(width=4, prox_mu=0.3, momentum=0.5, server="adam")])
+def test_round_with_gram_table_equals_plain_path(setting):
+  ds = _data()
+  _, alg, _ = _round_fn("lowrank", ds.client_sizes, ds.x.shape[1], cohort=6, width=setting.get("width"),
+                        server=setting.get("server", "sgd"), momentum=setting.get("momentum", 0.0),
+                        prox_mu=setting.get("prox_mu", 0.0), mesh=None, num_steps=None)
+  assert alg.gram_rows == alg.plan.num_steps * alg.plan.batch_size == 18  # every bucket of the epoch plan
+  with_table = _run("lowrank", ds, gram=True, **setting)
+  _assert_same_rounds(with_table, _run("off", ds, **setting))
+  # The round reads the table: corrupted entries change it.
+  corrupted = _run("lowrank", ds, gram=True, corrupt_gram=True, **setting)
+  assert not np.allclose(jax.tree.leaves(corrupted[0].params)[0], jax.tree.leaves(with_table[0].params)[0], atol=1e-4)
+
+
+def test_gram_table_is_not_used_where_a_bucket_can_hold_larger_clients():
+  ds = _data()
+  _, alg, _ = _round_fn("lowrank", ds.client_sizes, ds.x.shape[1], cohort=6, width=None, server="sgd", momentum=0.0,
+                        prox_mu=0.0, mesh=None, num_steps=5)
+  assert alg.gram_rows == 0  # fixed steps: a 5-step client may hold any number of examples
+  stacked = _fedavg(models.get_model("mlp", 3, (12,), hidden=(16,)), aggregator=robust.coordinate_median())
+  assert stacked.gram_rows == 0  # a stacked aggregator trains dense copies
+
+
+def test_gram_table_equals_slow_loop_and_slot_gram_equals_gathered_product():
+  rng = np.random.default_rng(0)
+  sizes = [3, 0, 5, 9, 1, 4]
+  offsets = np.concatenate([[0], np.cumsum(sizes)])
+  x = rng.normal(size=(offsets[-1], 2, 3)).astype(np.float32)
+  table = lowrank.gram_table(x, offsets, 5, block_bytes=1)  # one client per block
+  np.testing.assert_allclose(lowrank.gram_table(x, offsets, 5), table)
+  flat = x.reshape(len(x), -1)
+  expect = np.zeros((len(x), 5), np.float32)
+  for c, n in enumerate(sizes):
+    if n <= 5:
+      for i in range(n):
+        for j in range(n):
+          expect[offsets[c] + i, j] = flat[offsets[c] + i] @ flat[offsets[c] + j]
+  np.testing.assert_allclose(table, expect, rtol=1e-5, atol=1e-5)
+  assert not table[offsets[3]:offsets[4]].any()  # 9 examples > 5: no entries
+  pos = jnp.asarray([[2, 0, 4], [1, 0, 0]])  # client 2, last slots masked (position 0)
+  batch = jnp.take(jnp.asarray(flat), offsets[2] + pos.reshape(-1), axis=0)
+  np.testing.assert_allclose(lowrank.slot_gram(jnp.asarray(table), offsets[2], pos), batch @ batch.T, rtol=1e-5,
+                             atol=1e-5)
+  with pytest.raises(ValueError, match="max_rows"):
+    lowrank.gram_table(x, offsets, 0)
+  with pytest.raises(ValueError, match="offsets"):
+    lowrank.gram_table(x, offsets[::-1], 5)
+
+
+def test_device_train_data_checks_gram_rows_and_round_checks_the_table():
+  ds = _data()
+  for bad in (-1, True, 2.0):
+    with pytest.raises(ValueError, match="gram_rows"):
+      fa.device_train_data(ds, bad)
+  model, alg, round_fn = _round_fn("lowrank", ds.client_sizes, ds.x.shape[1], cohort=6, width=None, server="sgd",
+                                   momentum=0.0, prox_mu=0.0, mesh=None, num_steps=None)
+  train = fa.device_train_data(ds, alg.gram_rows)
+  train["gram"] = train["gram"][:-1]
+  with pytest.raises(ValueError, match="has 41 rows, the arrays 42"):
+    alg.round_fn(alg.init(model.init(jax.random.key(0))), train, jax.random.key(3))
 
 
 def test_round_rejects_non_finite_client_like_plain_path():

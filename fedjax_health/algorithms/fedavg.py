@@ -17,6 +17,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fedjax_health import client as client_lib
@@ -88,6 +89,9 @@ class FederatedAlgorithm:
   # "plain" (per-client weights), "lowrank" (lowrank.py) or "plain+lowrank" (short clients' step
   # buckets low-rank, long ones dense: see step_buckets.py)
   path: str = "plain"
+  # Columns of the input Gram table the round reads when ``train`` has one (``device_train_data(ds,
+  # gram_rows=...)``): the largest low-rank bucket's rows; 0 when no bucket can use it.
+  gram_rows: int = 0
 
 
 def default_client_ctx(cohort: jax.Array, round_idx: jax.Array, rng: jax.Array) -> dict:
@@ -184,12 +188,16 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
                    and (unroll is False or (unroll is not True and unroll == 1)))
   lens = step_buckets.bucket_lengths(plan.num_steps, plan.step_buckets)
   paths = {"lowrank" if lowrank_at(n, plan.batch_size) else "plain" for n in lens}
+  # A client in an epoch plan's bucket of n steps holds at most n * batch examples, so the Gram table
+  # covers it; fixed-step and custom plans (plan_fn) put no such bound on a bucket's clients.
+  gram_rows = max([n * plan.batch_size for n in lens if lowrank_at(n, plan.batch_size, len(lens))]
+                  if plan.num_epochs is not None and plan_fn is None and streaming else [], default=0)
 
   def init(params):
     return ServerState(params, server_opt.init(params), aggregator.init(params), jnp.zeros((), jnp.int32))
 
   def client_fn(shared, per_client, length=None):
-    params, arrays = shared
+    params, arrays = shared[:2]
     offset, pos, mask, key, ctx, _ = per_client
     num_keys = pos.shape[0]
     pos, mask = pos[:length], mask[:length]  # a step bucket: the client's steps past `length` are masked
@@ -197,7 +205,7 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     return client_lib.local_train(trainer, params, batch["x"], batch["y"], mask, key, ctx, num_keys=num_keys)
 
   def dynamic_client_fn(shared, per_client, length):
-    params, arrays = shared
+    params, arrays = shared[:2]
     offset, pos, mask, key, ctx, _ = per_client
 
     def get_step(t):
@@ -227,13 +235,17 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     return dict(aux, num_examples=jnp.where(finite, aux["num_examples"], 0.0), weight=w), norm, scale, stats
 
   def lowrank_contribution_fn(shared, per_client, length=None):
-    params, arrays = shared
+    params, arrays, gram = shared
     offset, pos, mask, _, _, _ = per_client
     pos, mask = pos[:length], mask[:length]
     batch = client_lib.gather_client_batches(arrays, offset, pos)
+    # The input Gram from the precomputed table where every client of this bucket fits in it (epoch
+    # plans: a client of <= length steps holds <= length * batch examples); else x @ x.T per client.
+    use_table = gram is not None and pos.shape[0] * pos.shape[1] <= min(gram.shape[1], gram_rows)
     factors, aux = lowrank_lib.local_train(chain, params, batch["x"], batch["y"], mask,
                                            learning_rate=client_opt.learning_rate,
-                                           momentum=client_opt.momentum, prox_mu=prox_mu)
+                                           momentum=client_opt.momentum, prox_mu=prox_mu,
+                                           gram_x=lowrank_lib.slot_gram(gram, offset, pos) if use_table else None)
     sq_norm = aux.pop("sq_norm")
     finite = jnp.isfinite(sq_norm) & client_lib.tree_all_finite(factors)
     aux, norm, scale, stats = weigh(aux, sq_norm, finite, per_client[4], per_client[5])
@@ -310,7 +322,12 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     ctx = client_ctx_fn(cohort, state.round, k_ctx)
     sizes = train["sizes"][cohort]
     per_client = (train["offsets"][cohort], pos, mask, jax.random.split(k_clients, cohort_size), ctx, sizes)
-    shared = (state.params, train["arrays"])
+    gram = train.get("gram") if gram_rows else None
+    rows = jax.tree.leaves(train["arrays"])[0].shape[0]
+    if gram is not None and gram.shape[0] != rows:
+      raise ValueError(f"train['gram'] has {gram.shape[0]} rows, the arrays {rows}: build it with "
+                       "device_train_data from the same dataset")
+    shared = (state.params, train["arrays"], gram)
     if streaming:
       agg, aux, norms, info = _streaming_aggregate(shared, per_client, k_agg)
       agg_state, weights = state.agg_state, aux["weight"]
@@ -334,7 +351,8 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
       metrics["num_rejected"] = jnp.sum(info["rejected"])
     return ServerState(params, opt_state, agg_state, state.round + 1), metrics
 
-  return FederatedAlgorithm(init, round_fn, trainer, plan, cohort_size, "+".join(sorted(paths, reverse=True)))
+  return FederatedAlgorithm(init, round_fn, trainer, plan, cohort_size, "+".join(sorted(paths, reverse=True)),
+                            gram_rows)
 
 
 MIN_LOWRANK_CHUNK = 8  # clients per low-rank chunk below which the several-bucket cap stops (lowrank_at)
@@ -367,10 +385,22 @@ def _use_lowrank(fast_path: str, chain, model, shapes, plan: BatchPlanSpec, **se
   return lowrank_lib.suitable(chain, shapes, 1, plan.batch_size)
 
 
-def device_train_data(dataset) -> dict:
-  """Returns the device pytree ``{"arrays", "offsets", "sizes"}`` that ``round_fn`` reads."""
-  return {
+def device_train_data(dataset, gram_rows: int = 0) -> dict:
+  """Returns the device pytree ``{"arrays", "offsets", "sizes"}`` that ``round_fn`` reads.
+
+  ``gram_rows > 0`` (pass the algorithm's ``gram_rows``) adds ``"gram"``: ``lowrank.gram_table`` of
+  ``x`` over clients of at most that many examples, computed once here so low-rank rounds look their
+  input Gram matrices up instead of forming them every round (the same values up to float rounding).
+  """
+  if isinstance(gram_rows, bool) or not isinstance(gram_rows, (int, np.integer)) or gram_rows < 0:
+    raise ValueError(f"gram_rows must be an int >= 0, got {gram_rows!r}")
+  out = {
       "arrays": {k: jnp.asarray(v) for k, v in dataset.arrays.items()},
       "offsets": jnp.asarray(dataset.offsets, jnp.int32),
       "sizes": jnp.asarray(dataset.client_sizes, jnp.int32),
   }
+  if gram_rows:
+    if "x" not in dataset.arrays:
+      raise ValueError(f"gram_rows needs the inputs under arrays['x']; the dataset has {sorted(dataset.arrays)}")
+    out["gram"] = jnp.asarray(lowrank_lib.gram_table(np.asarray(dataset.arrays["x"]), dataset.offsets, int(gram_rows)))
+  return out

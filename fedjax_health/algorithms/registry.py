@@ -72,7 +72,7 @@ def _single(name, config, train_ds, model, evaluate) -> Experiment:
     s, m = alg.round_fn(s, t, k)
     return s, {**m, **{key: jax.numpy.asarray(v, jax.numpy.float32) for key, v in comm.items()}}
 
-  return Experiment(name, state, round_fn, fedavg_lib.device_train_data(train_ds),
+  return Experiment(name, state, round_fn, fedavg_lib.device_train_data(train_ds, alg.gram_rows),
                     lambda st: {**evaluate(st.params), **comm}, round_path=alg.path)
 
 

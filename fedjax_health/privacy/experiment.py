@@ -281,5 +281,5 @@ def build_dp_fedavg(config, data, model):
   def evaluate_with_privacy(st):
     return {**evaluate(st.params), **ledger.epsilons(int(st.round)), **constants}
 
-  return [Experiment("dp_fedavg", state, alg.round_fn, fedavg_lib.device_train_data(data.train),
+  return [Experiment("dp_fedavg", state, alg.round_fn, fedavg_lib.device_train_data(data.train, alg.gram_rows),
                      evaluate_with_privacy)]
