@@ -213,7 +213,9 @@ def test_round_sharded_equals_single_device(require_host_devices):
   require_host_devices(4)
   ds = _data()
   mesh = client_lib.make_client_mesh(4)
-  _assert_same_rounds(_run("lowrank", ds, cohort=8, width=2, mesh=mesh), _run("off", ds, cohort=8))
+  plain = _run("off", ds, cohort=8)
+  _assert_same_rounds(_run("lowrank", ds, cohort=8, width=2, mesh=mesh), plain)
+  _assert_same_rounds(_run("lowrank", ds, cohort=8, width=2, mesh=mesh, gram=True), plain)
 
 
 def _fedavg(model, **kw):
