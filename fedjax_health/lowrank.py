@@ -133,7 +133,7 @@ def gram_table(x: np.ndarray, offsets: np.ndarray, max_rows: int, block_bytes: f
   every round (batched ``[k*b, d] x [d, k*b]`` products run at ~25 GFLOP/s on CPU, a tenth of a skewed
   round). Memory: ``max_rows / d`` of the inputs'.
   """
-  if not isinstance(max_rows, (int, np.integer)) or max_rows < 1:
+  if isinstance(max_rows, bool) or not isinstance(max_rows, (int, np.integer)) or max_rows < 1:
     raise ValueError(f"max_rows must be a positive int, got {max_rows!r}")
   offsets = np.asarray(offsets, np.int64)
   flat = np.asarray(x).reshape(len(x), -1)
@@ -141,7 +141,8 @@ def gram_table(x: np.ndarray, offsets: np.ndarray, max_rows: int, block_bytes: f
     flat = flat.astype(np.float32)
   sizes = np.diff(offsets)
   if len(sizes) and (np.any(sizes < 0) or offsets[-1] > len(flat) or offsets[0] < 0):
-    raise ValueError(f"offsets must be non-decreasing within [0, {len(flat)}], got {offsets[:3]}...{offsets[-3:]}")
+    raise ValueError(f"offsets must be non-decreasing within [0, {len(flat)}], got "
+                     f"{offsets[:3]}...{offsets[-3:]}")
   table = np.zeros((len(flat), max_rows), flat.dtype)
   small = np.flatnonzero((sizes > 0) & (sizes <= max_rows))
   rows = np.arange(max_rows)

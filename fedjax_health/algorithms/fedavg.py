@@ -245,7 +245,8 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     factors, aux = lowrank_lib.local_train(chain, params, batch["x"], batch["y"], mask,
                                            learning_rate=client_opt.learning_rate,
                                            momentum=client_opt.momentum, prox_mu=prox_mu,
-                                           gram_x=lowrank_lib.slot_gram(gram, offset, pos) if use_table else None)
+                                           gram_x=(lowrank_lib.slot_gram(gram, offset, pos) if use_table
+                                                   else None))
     sq_norm = aux.pop("sq_norm")
     finite = jnp.isfinite(sq_norm) & client_lib.tree_all_finite(factors)
     aux, norm, scale, stats = weigh(aux, sq_norm, finite, per_client[4], per_client[5])
@@ -401,6 +402,8 @@ def device_train_data(dataset, gram_rows: int = 0) -> dict:
   }
   if gram_rows:
     if "x" not in dataset.arrays:
-      raise ValueError(f"gram_rows needs the inputs under arrays['x']; the dataset has {sorted(dataset.arrays)}")
-    out["gram"] = jnp.asarray(lowrank_lib.gram_table(np.asarray(dataset.arrays["x"]), dataset.offsets, int(gram_rows)))
+      raise ValueError(f"gram_rows needs the inputs under arrays['x']; the dataset has "
+                       f"{sorted(dataset.arrays)}")
+    table = lowrank_lib.gram_table(np.asarray(dataset.arrays["x"]), dataset.offsets, int(gram_rows))
+    out["gram"] = jnp.asarray(table)
   return out

@@ -192,5 +192,6 @@ def build_finetune(config, data, model):
                            config.clients_per_step)
   evaluate = make_personal_evaluate(model, data, config.clients_per_step)
   key = jax.random.key(config.seed + 2)
-  return [Experiment("finetune", state, alg.round_fn, fedavg_lib.device_train_data(data.train, alg.gram_rows),
+  return [Experiment("finetune", state, alg.round_fn,
+                     fedavg_lib.device_train_data(data.train, alg.gram_rows),
                      lambda st: evaluate(finetune(st.params, jax.random.fold_in(key, st.round))))]

@@ -376,8 +376,8 @@ def build_experiment(config, data: FederatedData, model, init_params=None, name:
   params = init_params if init_params is not None else model.init(jax.random.key(config.seed))
   name = name or f"{config.attack.kind}_vs_{config.defense.aggregator}" + (
       f"+{config.defense.detector}" if config.defense.detector != "none" else "")
-  return Experiment(name, alg.init(params), alg.round_fn, fedavg_lib.device_train_data(comp.data.train, alg.gram_rows),
-                    make_evaluate(config, comp, model))
+  return Experiment(name, alg.init(params), alg.round_fn,
+                    fedavg_lib.device_train_data(comp.data.train, alg.gram_rows), make_evaluate(config, comp, model))
 
 
 @register_algorithm("attack_defense")
