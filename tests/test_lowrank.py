@@ -306,3 +306,21 @@ def test_streaming_dp_validates_arguments():
     dp.central_gaussian_streaming(0.0, 1.0, 10)
   with pytest.raises(ValueError, match="noise_multiplier"):
     dp.central_gaussian_streaming(1.0, -1.0, 10)
+
+
+def test_simulation_builds_the_gram_table_for_its_lowrank_round():
+  """The launch path (``registry``) gives the round the table the algorithm asks for."""
+  from fedjax_health import simulation
+  from fedjax_health.config_base import base_config
+  from fedjax_health.data import synthetic
+  config = base_config()
+  config.model.name = "mlp"
+  config.client.num_epochs, config.client.batch_size = 1, 4
+  config.num_clients = config.cohort_size = 6
+  data = synthetic.load(6, alpha=1.0, beta=1.0, seed=0, sizes=np.array([3, 5, 8, 2, 7, 4]))
+  from fedjax_health.algorithms import registry
+  (exp,) = registry.build_fedavg(config, data, simulation.build_model(config, data))
+  assert "lowrank" in exp.round_path
+  assert exp.train["gram"].shape == (data.train.num_examples, 8)  # two steps of 4: every bucket
+  with pytest.raises(ValueError, match="arrays\\['x'\\]"):
+    fa.device_train_data(from_client_arrays([{"u": np.zeros((2, 3), np.float32)}]), 4)
