@@ -83,11 +83,13 @@ def bench_engine(model, ds, plan, width, repeats, lr=0.1, unroll=1, fast_path="o
 
 
 def make_engine_round(model, ds, plan, width=1, lr=0.1, unroll=1, fast_path="off", lowrank_width=None,
-                      gram_table=True):
+                      gram_table=True, narrow_buckets=True):
   """Returns (one round as a zero-argument function, first call's time incl. compile, path).
 
   ``gram_table``: give the round the precomputed input Gram table (``device_train_data(ds,
   alg.gram_rows)``, as simulations do); False forms the Gram matrices every round.
+  ``narrow_buckets``: False compiles the round without the low-rank path's narrow one-step buckets
+  (``fedavg.NARROW_DIVISORS = ()`` while it compiles): every one-step client pays the whole batch.
   """
   alg = fa.fedavg(model, num_clients=ds.num_clients, cohort_size=ds.num_clients, plan=plan,
                   client_opt=client_lib.sgd(lr), clients_per_step=width, unroll=unroll, map_unroll=unroll,
@@ -101,8 +103,14 @@ def make_engine_round(model, ds, plan, width=1, lr=0.1, unroll=1, fast_path="off
     holder["state"], m = round_fn(holder["state"], train, jax.random.key(1))
     return holder["state"].params
 
+  divisors = fa.NARROW_DIVISORS
   t0 = time.perf_counter()
-  jax.block_until_ready(step())
+  try:
+    if not narrow_buckets:
+      fa.NARROW_DIVISORS = ()
+    jax.block_until_ready(step())  # traces and compiles the round: later calls reuse it
+  finally:
+    fa.NARROW_DIVISORS = divisors
   return step, time.perf_counter() - t0, alg.path
 
 

@@ -18,6 +18,11 @@ Each bucket can carry its own per-client function and chunk width (``Bucket``): 
 trains short clients on the exact low-rank path (wide chunks of shared-weight GEMMs) and long ones
 on the dense path, each where it is cheaper. A bucket's chunks are ``width`` clients (a ``vmap``);
 its last partial chunk runs at ``tail_width`` so a bucket of 3 long clients does not pay for 50.
+
+A bucket can also keep only the first ``batch`` slots of each step (``Bucket.batch``): one-step
+clients holding fewer examples than the batch (most of a heavy-tailed cohort's clients) would
+otherwise pay for the whole batch's masked slots. A client goes to such a bucket only when every
+active slot of its mask lies within those slots (``client_widths``), so nothing it trains on is cut.
 """
 
 from __future__ import annotations
@@ -49,6 +54,13 @@ def bucket_lengths(num_steps: int, mode: str = "pow2") -> tuple[int, ...]:
   return tuple(lengths) + (num_steps,)
 
 
+def client_widths(mask: jax.Array) -> jax.Array:
+  """Returns ``[C]`` int32: each client's last active batch slot + 1 over all its steps (0 if none)."""
+  active = jnp.any(mask.reshape(mask.shape[:3] + (-1,)), axis=(1, 3))  # [C, batch]
+  slots = jnp.arange(1, mask.shape[2] + 1, dtype=jnp.int32)
+  return jnp.max(jnp.where(active, slots[None, :], 0), axis=1)
+
+
 def client_lengths(mask: jax.Array) -> jax.Array:
   """Returns ``[C]`` int32: each client's last active step + 1 (0 for a client with no active step)."""
   active = jnp.any(mask.reshape(mask.shape[:2] + (-1,)), axis=-1)  # [C, S]
@@ -68,6 +80,9 @@ class Bucket:
   ``dynamic=True``: one client at a time (``width`` must be 1), called as ``fn(x, length)`` with the
   client's own length (a traced scalar); ``fn`` runs exactly that many steps (``lax.fori_loop`` with a
   dynamic trip count), so its clients pay no padding up to the bucket's static length.
+
+  ``batch``: the bucket takes only clients whose active slots all lie in the first ``batch`` slots of
+  every step (``client_widths``); ``fn`` slices the batch axis to it. None: any client of its length.
   """
 
   length: int
@@ -76,6 +91,7 @@ class Bucket:
   chunk_sum: Callable | None = None
   tail_width: int | None = None
   dynamic: bool = False
+  batch: int | None = None
 
 
 def _masked_sum(contrib: PyTree, valid: jax.Array) -> PyTree:
@@ -89,27 +105,59 @@ def assign(lengths: jax.Array, bucket_lens: tuple[int, ...]) -> tuple[jax.Array,
   A client goes to the shortest bucket at least as long as it (an empty client to the first).
   """
   bidx = jnp.searchsorted(jnp.asarray(bucket_lens, jnp.int32), lengths, side="left").astype(jnp.int32)
+  return assign_index(bidx, len(bucket_lens))
+
+
+def assign_index(bidx: jax.Array, num_buckets: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Returns (order [C] clients sorted by bucket, stable; starts [K]; counts [K]) from bucket indices."""
   order = jnp.argsort(bidx, stable=True).astype(jnp.int32)
-  counts = jnp.zeros((len(bucket_lens),), jnp.int32).at[bidx].add(1)
+  counts = jnp.zeros((num_buckets,), jnp.int32).at[bidx].add(1)
   starts = jnp.cumsum(counts) - counts
   return order, starts, counts
 
 
+def bucket_index(buckets: tuple[Bucket, ...], lengths: jax.Array, widths: jax.Array | None) -> jax.Array:
+  """Returns ``[C]`` int32: each client's bucket, the first at least as long as the client (an empty
+  client: the first bucket) whose kept slots (``Bucket.batch``) hold every active slot of the client.
+
+  Buckets must be in increasing (length, batch) order, a full batch counting as the widest.
+  """
+  lens = tuple(b.length for b in buckets)
+  narrow = [b.batch for b in buckets if b.batch is not None]
+  if not narrow:
+    if list(lens) != sorted(set(lens)):
+      raise ValueError(f"bucket lengths must be strictly increasing, got {lens}")
+    return jnp.searchsorted(jnp.asarray(lens, jnp.int32), lengths, side="left").astype(jnp.int32)
+  if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in narrow):
+    raise ValueError(f"Bucket.batch must be a positive int or None, got {narrow}")
+  if buckets[-1].batch is not None:
+    raise ValueError("the last bucket must keep the whole batch (Bucket.batch=None): it takes any client")
+  order = [(b.length, float("inf") if b.batch is None else b.batch) for b in buckets]
+  if order != sorted(set(order)):
+    raise ValueError("buckets must be in increasing (length, batch) order, each length's full batch last; got "
+                     f"{[(b.length, b.batch) for b in buckets]}")
+  if widths is None:
+    raise ValueError("buckets keeping part of the batch (Bucket.batch) need the clients' widths (client_widths)")
+  cap = jnp.asarray([jnp.iinfo(jnp.int32).max if b.batch is None else b.batch for b in buckets], jnp.int32)
+  fits = (jnp.asarray(lens, jnp.int32)[None, :] >= lengths[:, None]) & (cap[None, :] >= widths[:, None])
+  # A client longer than every bucket gets index K and runs nowhere, as with the lengths' searchsorted.
+  return jnp.where(jnp.any(fits, axis=1), jnp.argmax(fits, axis=1), len(buckets)).astype(jnp.int32)
+
+
 def bucketed_map_sum(buckets: tuple[Bucket, ...], xs: PyTree, lengths: jax.Array,
-                     axis_name: str | None = None) -> tuple[PyTree, PyTree]:
+                     axis_name: str | None = None, widths: jax.Array | None = None) -> tuple[PyTree, PyTree]:
   """Returns (sum over clients of contributions, stacked ``small`` outputs in cohort order).
 
   Args:
-    buckets: increasing static lengths; the last must be >= every client's length.
+    buckets: increasing static lengths (a length may repeat with increasing ``batch``, its full-batch
+      bucket last); the last must be >= every client's length and keep the whole batch.
     xs: per-client pytree ``[C, ...]``; ``lengths``: ``[C]`` from ``client_lengths``.
     axis_name: inside ``shard_map``, the axis along which the running values are per-device.
+    widths: ``[C]`` from ``client_widths``; needed only when a bucket keeps part of the batch.
   Every bucket's contributions must reduce to the same tree (they are added together).
   """
   cohort = lengths.shape[0]
-  lens = tuple(b.length for b in buckets)
-  if list(lens) != sorted(set(lens)):
-    raise ValueError(f"bucket lengths must be strictly increasing, got {lens}")
-  order, starts, counts = assign(lengths, lens)
+  order, starts, counts = assign_index(bucket_index(buckets, lengths, widths), len(buckets))
   max_w = max(max(b.width, b.tail_width or 1) for b in buckets)
   order = jnp.concatenate([order, jnp.zeros((max_w,), jnp.int32)])  # padded lanes read client 0
 
@@ -184,11 +232,11 @@ def bucketed_map_sum(buckets: tuple[Bucket, ...], xs: PyTree, lengths: jax.Array
 
 
 def bucketed_map(buckets: tuple[Bucket, ...], xs: PyTree, lengths: jax.Array,
-                 axis_name: str | None = None) -> PyTree:
+                 axis_name: str | None = None, widths: jax.Array | None = None) -> PyTree:
   """Returns every bucket's ``fn(x)`` (a stacked pytree in cohort order; nothing summed)."""
   stacked = tuple(dataclasses.replace(b, fn=lambda x, *n, f=b.fn: ((), f(x, *n)), chunk_sum=lambda c, v: ())
                   for b in buckets)
-  return bucketed_map_sum(stacked, xs, lengths, axis_name)[1]
+  return bucketed_map_sum(stacked, xs, lengths, axis_name, widths)[1]
 
 
 def map_clients_by_length(fn: Callable, xs: PyTree, mask: jax.Array, mode: str = "pow2", width: int = 1) -> PyTree:
@@ -209,7 +257,7 @@ def map_clients_by_length(fn: Callable, xs: PyTree, mask: jax.Array, mode: str =
 
 
 def bucketed_map_sum_sharded(make_buckets: Callable, shared: PyTree, xs: PyTree, lengths: jax.Array, mesh,
-                             stacked: bool = False):
+                             stacked: bool = False, widths: jax.Array | None = None):
   """``bucketed_map_sum`` (or ``bucketed_map`` when ``stacked``) with the cohort split over ``mesh``.
 
   ``make_buckets(shared) -> buckets`` builds each device's buckets around its copy of ``shared``
@@ -223,14 +271,15 @@ def bucketed_map_sum_sharded(make_buckets: Callable, shared: PyTree, xs: PyTree,
   if cohort % n_dev:
     raise ValueError(f"cohort_size ({cohort}) must be a multiple of the number of devices ({n_dev})")
 
-  def body(shared_local, xs_local, lengths_local):
+  def body(shared_local, xs_local, lengths_local, widths_local=None):
     shared_local = jax.tree.map(lambda a: jax.lax.pcast(a, (CLIENTS_AXIS,), to="varying"), shared_local)
     buckets = make_buckets(shared_local)
     if stacked:
-      return bucketed_map(buckets, xs_local, lengths_local, CLIENTS_AXIS)
-    acc, small = bucketed_map_sum(buckets, xs_local, lengths_local, CLIENTS_AXIS)
+      return bucketed_map(buckets, xs_local, lengths_local, CLIENTS_AXIS, widths_local)
+    acc, small = bucketed_map_sum(buckets, xs_local, lengths_local, CLIENTS_AXIS, widths_local)
     return jax.lax.psum(acc, CLIENTS_AXIS), small
 
   out_specs = P(CLIENTS_AXIS) if stacked else (P(), P(CLIENTS_AXIS))
-  return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(CLIENTS_AXIS), P(CLIENTS_AXIS)),
-                       out_specs=out_specs)(shared, xs, lengths)
+  args = (shared, xs, lengths) + (() if widths is None else (widths,))
+  return jax.shard_map(body, mesh=mesh, in_specs=(P(),) + (P(CLIENTS_AXIS),) * (len(args) - 1),
+                       out_specs=out_specs)(*args)

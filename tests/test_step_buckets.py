@@ -209,3 +209,118 @@ def test_empty_last_client_is_not_rejected_on_the_lowrank_path():
     assert int(metrics["num_nonfinite"]) == 0
     assert np.isfinite(float(metrics["train_loss"])), metrics
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), state.params, state_ref.params)
+
+
+def test_client_widths_and_narrow_buckets_take_the_clients_that_fit():
+  """A client goes to the first bucket at least as long as it whose kept slots hold all its active
+  slots (a gap counts: the width is the last active slot + 1), else to its length's full bucket."""
+  rng = np.random.default_rng(2)
+  mask = rng.random((17, 5, 6)) < 0.3
+  mask[:10] = False  # client 0 empty; then (length, width): (1, 5) through a gap, (1, 2), (1, 3), ...
+  mask[1, 0, 4] = mask[2, 0, :2] = mask[3, 0, :3] = mask[4, 0, 1] = mask[5, :2] = mask[9, 0, :4] = True
+  mask[6, :3, :2] = mask[7, :3] = mask[8, 4, 0] = True  # (3, 2), (3, 6), (5, 1)
+  lengths, widths = sb.client_lengths(jnp.asarray(mask)), sb.client_widths(jnp.asarray(mask))
+  active = mask.any(axis=1)
+  np.testing.assert_array_equal(widths, [max((i + 1 for i in range(6) if a[i]), default=0) for a in active])
+  assert int(widths[1]) == 5 and int(lengths[1]) == 1
+  xs = {"v": jnp.asarray(rng.normal(size=(17, 5, 6)), jnp.float32), "id": jnp.arange(17)}
+  spec = ((1, 2), (1, 4), (1, None), (2, None), (4, 3), (4, None), (5, None))
+
+  def make_fn(k, n, b):
+    return lambda x: (jnp.sum(x["v"][:n, :b] ** 2), {"id": x["id"], "bucket": jnp.int32(k)})
+
+  buckets = tuple(sb.Bucket(n, make_fn(k, n, b), 3, batch=b) for k, (n, b) in enumerate(spec))
+  total, small = jax.jit(lambda x, l, w: sb.bucketed_map_sum(buckets, x, l, widths=w))(xs, lengths, widths)
+  expect = [next(k for k, (n, b) in enumerate(spec) if n >= max(int(l), 1) and (b is None or int(w) <= b))
+            for l, w in zip(lengths, widths)]
+  np.testing.assert_array_equal(small["id"], np.arange(17))
+  np.testing.assert_array_equal(small["bucket"], expect)
+  assert expect[:10] == [0, 2, 0, 1, 0, 3, 4, 5, 6, 1]
+  v = np.asarray(xs["v"])
+  ref = sum(float(np.sum(v[c, :spec[k][0], :spec[k][1]] ** 2)) for c, k in enumerate(expect))
+  np.testing.assert_allclose(total, ref, rtol=1e-5)
+  np.testing.assert_array_equal(sb.bucketed_map(buckets, xs, lengths, widths=widths)[1]["bucket"], expect)
+
+
+def test_narrow_bucket_misuse_is_refused():
+  lengths = jnp.ones((3,), jnp.int32)
+  xs = {"v": jnp.ones((3, 2))}
+  fn = lambda x: (jnp.sum(x["v"]), ())
+  with pytest.raises(ValueError, match="client_widths"):
+    sb.bucketed_map_sum((sb.Bucket(1, fn, batch=1), sb.Bucket(1, fn)), xs, lengths)
+  with pytest.raises(ValueError, match="last bucket must keep the whole batch"):
+    sb.bucketed_map_sum((sb.Bucket(1, fn), sb.Bucket(2, fn, batch=1)), xs, lengths, widths=lengths)
+  with pytest.raises(ValueError, match="increasing"):
+    sb.bucketed_map_sum((sb.Bucket(1, fn), sb.Bucket(1, fn, batch=1), sb.Bucket(2, fn)), xs, lengths,
+                        widths=lengths)
+  with pytest.raises(ValueError, match="positive int"):
+    sb.bucketed_map_sum((sb.Bucket(1, fn, batch=True), sb.Bucket(1, fn)), xs, lengths, widths=lengths)
+
+
+def _record_buckets(monkeypatch):
+  seen = []
+  real = sb.bucketed_map_sum
+
+  def spy(buckets, *args, **kw):
+    seen.append([(b.length, b.batch) for b in buckets])
+    return real(buckets, *args, **kw)
+
+  monkeypatch.setattr(fa.step_buckets, "bucketed_map_sum", spy)
+  return seen
+
+
+def test_narrow_one_step_buckets_equal_padded_plan(monkeypatch):
+  """Batch 8: one-step clients of <= 2 and <= 4 examples run in buckets keeping 2 and 4 slots (the
+  low-rank path), with the same round as the padded plain path and as no narrow buckets."""
+  rng = np.random.default_rng(3)
+  sizes = (1, 2, 3, 4, 5, 8, 9, 0, 17, 2, 6, 30, 3, 1)
+  ds = from_client_arrays([{"x": rng.normal(size=(n, 40)).astype(np.float32),
+                            "y": rng.integers(0, 3, n).astype(np.int32)} for n in sizes])
+  assert fa.narrow_batches(8) == (2, 4) and fa.narrow_batches(10) == (3, 5) and fa.narrow_batches(1) == ()
+
+  def rounds(buckets, **kw):
+    model = _model(ds)
+    plan = BatchPlanSpec.create(ds.client_sizes, 8, num_epochs=1, step_buckets=buckets)
+    alg = fa.fedavg(model, num_clients=ds.num_clients, cohort_size=10, plan=plan,
+                    client_opt=client_lib.sgd(0.1, 0.5), **kw)
+    state, step, out = alg.init(model.init(jax.random.key(0))), jax.jit(alg.round_fn), []
+    train = fa.device_train_data(ds, alg.gram_rows)
+    for r in range(2):
+      state, metrics = step(state, train, jax.random.key(r))
+      out.append(metrics)
+    return alg, state, out
+
+  seen = _record_buckets(monkeypatch)
+  narrow = rounds("pow2", fast_path="lowrank", lowrank_width=3)
+  assert seen and seen[0][:3] == [(1, 2), (1, 4), (1, None)], seen
+  _assert_same(narrow, rounds("none", fast_path="off"))
+  monkeypatch.setattr(fa, "NARROW_DIVISORS", ())
+  _assert_same(narrow, rounds("pow2", fast_path="lowrank", lowrank_width=3))
+  assert seen[-1][0] == (1, None)
+
+
+def test_narrow_buckets_keep_clients_whose_slots_lie_past_them(monkeypatch):
+  """A custom plan that puts a one-step client's examples in the batch's last slots: its width is the
+  whole batch, so it trains in the full bucket and nothing is cut."""
+  ds = from_client_arrays([{"x": np.random.default_rng(c).normal(size=(n, 40)).astype(np.float32),
+                            "y": np.arange(n, dtype=np.int32) % 3} for c, n in enumerate((2, 3, 1, 7, 2))])
+
+  def tail_plan(key, sizes):  # one step of batch 8; client c's examples in the last n_c slots
+    slots = jnp.arange(8)[None, :]
+    mask = slots >= 8 - sizes[:, None]
+    pos = jnp.where(mask, slots - (8 - sizes[:, None]), 0)
+    return pos[:, None, :].astype(jnp.int32), mask[:, None, :]
+
+  def run(fast_path):
+    model = _model(ds)
+    plan = BatchPlanSpec.create(ds.client_sizes, 8, num_epochs=1)
+    alg = fa.fedavg(model, num_clients=5, cohort_size=5, plan=plan, plan_fn=tail_plan, fast_path=fast_path,
+                    client_opt=client_lib.sgd(0.1))
+    state, metrics = jax.jit(alg.round_fn)(alg.init(model.init(jax.random.key(0))), fa.device_train_data(ds),
+                                           jax.random.key(0))
+    return alg, state, [metrics]
+
+  seen = _record_buckets(monkeypatch)
+  lowrank = run("lowrank")
+  assert (1, 2) in seen[0]
+  _assert_same(lowrank, run("off"))

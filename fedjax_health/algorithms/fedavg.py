@@ -234,10 +234,11 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     scale, stats = streaming_agg.client_scale(norm, w, ctx)
     return dict(aux, num_examples=jnp.where(finite, aux["num_examples"], 0.0), weight=w), norm, scale, stats
 
-  def lowrank_contribution_fn(shared, per_client, length=None):
+  def lowrank_contribution_fn(shared, per_client, length=None, batch=None):
     params, arrays, gram = shared
     offset, pos, mask, _, _, _ = per_client
-    pos, mask = pos[:length], mask[:length]
+    # A bucket's clients are masked past `length` steps and, in a narrow bucket, past `batch` slots.
+    pos, mask = pos[:length, :batch], mask[:length, :batch]
     batch = client_lib.gather_client_batches(arrays, offset, pos)
     # The input Gram from the precomputed table where every client of this bucket fits in it (epoch
     # plans: a client of <= length steps holds <= length * batch examples); else x @ x.T per client.
@@ -267,13 +268,17 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
 
     Dense clients trained one at a time (``clients_per_step=1``, local steps not unrolled) share one
     dynamic bucket: each runs exactly its own steps (``client.local_train_dynamic``) instead of
-    its power-of-two bucket's length.
+    its power-of-two bucket's length. On the low-rank path one-step clients also go to narrow
+    buckets (``narrow_batches``) when their examples fit in part of the batch.
     """
     buckets = []
     lengths = step_buckets.bucket_lengths(num_steps, plan.step_buckets)
     for length in lengths:
       w = 0 if stacked else lowrank_at(length, batch, len(lengths))
       if w:
+        for nb in narrow_batches(batch) if length == 1 else ():
+          fn = lambda pc, nb=nb: lowrank_contribution_fn(shared, pc, 1, nb)
+          buckets.append(step_buckets.Bucket(1, fn, lowrank_at(1, nb, len(lengths)), lowrank_chunk_sum, batch=nb))
         fn = lambda pc, n=length: lowrank_contribution_fn(shared, pc, n)
         buckets.append(step_buckets.Bucket(length, fn, w, lowrank_chunk_sum))
       elif dynamic_dense:
@@ -300,13 +305,15 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
       return client_lib.map_sum_clients_sharded(contribution_fn, shared, per_client, clients_per_step, mesh,
                                                 map_unroll)
     lengths = step_buckets.client_lengths(per_client[2])
+    narrow = not stacked and lowrank_at(1, batch) and narrow_batches(batch)
+    widths = step_buckets.client_widths(per_client[2]) if narrow else None
     if mesh is None:
       buckets = make_buckets(shared, num_steps, batch, stacked)
       if stacked:
         return step_buckets.bucketed_map(buckets, per_client, lengths)
-      return step_buckets.bucketed_map_sum(buckets, per_client, lengths)
+      return step_buckets.bucketed_map_sum(buckets, per_client, lengths, widths=widths)
     return step_buckets.bucketed_map_sum_sharded(lambda sh: make_buckets(sh, num_steps, batch, stacked), shared,
-                                                 per_client, lengths, mesh, stacked)
+                                                 per_client, lengths, mesh, stacked, widths)
 
   def _streaming_aggregate(shared, per_client, rng):
     (total, stats), (aux, norms, finite) = client_map(shared, per_client, stacked=False)
@@ -354,6 +361,17 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
 
   return FederatedAlgorithm(init, round_fn, trainer, plan, cohort_size, "+".join(sorted(paths, reverse=True)),
                             gram_rows)
+
+
+# One-step clients on the low-rank path holding at most batch/4 or batch/2 examples run in buckets that
+# keep only that many slots (step_buckets.Bucket.batch), not the whole batch's masked slots.
+NARROW_DIVISORS = (4, 2)
+
+
+def narrow_batches(batch: int) -> tuple[int, ...]:
+  """Returns the narrow one-step buckets' batch widths: ``ceil(batch / d)`` per ``NARROW_DIVISORS``,
+  increasing, distinct and below ``batch``."""
+  return tuple(sorted({-(-batch // d) for d in NARROW_DIVISORS} - {batch}))
 
 
 MIN_LOWRANK_CHUNK = 8  # clients per low-rank chunk below which the several-bucket cap stops (lowrank_at)
