@@ -278,7 +278,11 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
       if w:
         for nb in narrow_batches(batch) if length == 1 else ():
           fn = lambda pc, nb=nb: lowrank_contribution_fn(shared, pc, 1, nb)
-          buckets.append(step_buckets.Bucket(1, fn, lowrank_at(1, nb, len(lengths)), lowrank_chunk_sum, batch=nb))
+          # As many rows per chunk as the full bucket's (its clients times batch / nb), within the
+          # factors' memory budget: at the full bucket's client count the GEMMs had fewer rows and
+          # the narrow buckets saved less (a 25-repeat A/B, 4 runs: 0-3.4% against 2-4%).
+          wn = max(lowrank_at(1, nb, len(lengths)), min(w * -(-batch // nb), lowrank_at(1, nb)))
+          buckets.append(step_buckets.Bucket(1, fn, wn, lowrank_chunk_sum, batch=nb))
         fn = lambda pc, n=length: lowrank_contribution_fn(shared, pc, n)
         buckets.append(step_buckets.Bucket(length, fn, w, lowrank_chunk_sum))
       elif dynamic_dense:
