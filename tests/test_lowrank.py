@@ -202,6 +202,28 @@ def test_device_train_data_checks_gram_rows_and_round_checks_the_table():
     alg.round_fn(alg.init(model.init(jax.random.key(0))), train, jax.random.key(3))
 
 
+def test_gram_table_left_out_past_its_memory_budget(monkeypatch, caplog):
+  """A table larger than GRAM_TABLE_BUDGET and half the inputs is not built; the round forms the
+  products and trains the same."""
+  ds = _data()
+  model, alg, round_fn = _round_fn("lowrank", ds.client_sizes, ds.x.shape[1], cohort=6, width=None, server="sgd",
+                                   momentum=0.0, prox_mu=0.0, mesh=None, num_steps=None)
+  x = np.asarray(ds.x)
+  table_bytes = len(x) * alg.gram_rows * 4
+  assert table_bytes > x.nbytes / 2  # 12 features, more rows per client: the table outgrows half the inputs
+  assert "gram" in fa.device_train_data(ds, alg.gram_rows)  # under the budget: built
+  monkeypatch.setattr(fa, "GRAM_TABLE_BUDGET", table_bytes - 1)
+  with caplog.at_level("INFO"):
+    train = fa.device_train_data(ds, alg.gram_rows)
+  assert "gram" not in train and "no input Gram table" in caplog.text
+  monkeypatch.setattr(fa, "GRAM_TABLE_BUDGET", table_bytes)
+  assert "gram" in fa.device_train_data(ds, alg.gram_rows)  # exactly at the budget: built
+  state = alg.init(model.init(jax.random.key(0)))
+  got, _ = round_fn(state, train, jax.random.key(3))
+  want, _ = round_fn(state, fa.device_train_data(ds), jax.random.key(3))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got.params, want.params)
+
+
 def test_round_rejects_non_finite_client_like_plain_path():
   ds = _data(poison=1)
   low, plain = _run("lowrank", ds, cohort=8, width=3), _run("off", ds, cohort=8)

@@ -13,6 +13,7 @@ device-resident flat training data (``train = {"arrays", "offsets", "sizes"}``) 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -234,11 +235,11 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     scale, stats = streaming_agg.client_scale(norm, w, ctx)
     return dict(aux, num_examples=jnp.where(finite, aux["num_examples"], 0.0), weight=w), norm, scale, stats
 
-  def lowrank_contribution_fn(shared, per_client, length=None, batch=None):
+  def lowrank_contribution_fn(shared, per_client, length=None, slots=None):
     params, arrays, gram = shared
     offset, pos, mask, _, _, _ = per_client
-    # A bucket's clients are masked past `length` steps and, in a narrow bucket, past `batch` slots.
-    pos, mask = pos[:length, :batch], mask[:length, :batch]
+    # A bucket's clients are masked past `length` steps and, in a narrow bucket, past `slots` slots.
+    pos, mask = pos[:length, :slots], mask[:length, :slots]
     batch = client_lib.gather_client_batches(arrays, offset, pos)
     # The input Gram from the precomputed table where every client of this bucket fits in it (epoch
     # plans: a client of <= length steps holds <= length * batch examples); else x @ x.T per client.
@@ -378,6 +379,7 @@ def narrow_batches(batch: int) -> tuple[int, ...]:
   return tuple(sorted({-(-batch // d) for d in NARROW_DIVISORS} - {batch}))
 
 
+GRAM_TABLE_BUDGET = 256 << 20  # bytes of input Gram table always allowed (device_train_data)
 MIN_LOWRANK_CHUNK = 8  # clients per low-rank chunk below which the several-bucket cap stops (lowrank_at)
 
 
@@ -414,6 +416,9 @@ def device_train_data(dataset, gram_rows: int = 0) -> dict:
   ``gram_rows > 0`` (pass the algorithm's ``gram_rows``) adds ``"gram"``: ``lowrank.gram_table`` of
   ``x`` over clients of at most that many examples, computed once here so low-rank rounds look their
   input Gram matrices up instead of forming them every round (the same values up to float rounding).
+  The table (``[N, gram_rows]``) is left out, and rounds form the products, when it would take more
+  than ``GRAM_TABLE_BUDGET`` bytes and more than half the inputs' memory: few input features and
+  wide hidden layers let the low-rank path take many rows per client (e.g. 4 inputs, 126 rows).
   """
   if isinstance(gram_rows, bool) or not isinstance(gram_rows, (int, np.integer)) or gram_rows < 0:
     raise ValueError(f"gram_rows must be an int >= 0, got {gram_rows!r}")
@@ -426,6 +431,12 @@ def device_train_data(dataset, gram_rows: int = 0) -> dict:
     if "x" not in dataset.arrays:
       raise ValueError(f"gram_rows needs the inputs under arrays['x']; the dataset has "
                        f"{sorted(dataset.arrays)}")
-    table = lowrank_lib.gram_table(np.asarray(dataset.arrays["x"]), dataset.offsets, int(gram_rows))
-    out["gram"] = jnp.asarray(table)
+    x = np.asarray(dataset.arrays["x"])
+    table_bytes = len(x) * int(gram_rows) * max(x.dtype.itemsize, 4)
+    if table_bytes > max(GRAM_TABLE_BUDGET, x.nbytes / 2):
+      logging.getLogger(__name__).info(
+          "device_train_data: no input Gram table (%d MB for %d rows x %d; inputs %d MB): rounds form the products",
+          table_bytes >> 20, len(x), gram_rows, x.nbytes >> 20)
+    else:
+      out["gram"] = jnp.asarray(lowrank_lib.gram_table(x, dataset.offsets, int(gram_rows)))
   return out
