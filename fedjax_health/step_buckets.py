@@ -99,15 +99,6 @@ def _masked_sum(contrib: PyTree, valid: jax.Array) -> PyTree:
                       contrib)
 
 
-def assign(lengths: jax.Array, bucket_lens: tuple[int, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Returns (order [C] clients sorted by bucket, starts [K], counts [K]) for static ``bucket_lens``.
-
-  A client goes to the shortest bucket at least as long as it (an empty client to the first).
-  """
-  bidx = jnp.searchsorted(jnp.asarray(bucket_lens, jnp.int32), lengths, side="left").astype(jnp.int32)
-  return assign_index(bidx, len(bucket_lens))
-
-
 def assign_index(bidx: jax.Array, num_buckets: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Returns (order [C] clients sorted by bucket, stable; starts [K]; counts [K]) from bucket indices."""
   order = jnp.argsort(bidx, stable=True).astype(jnp.int32)

@@ -310,8 +310,8 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
       return client_lib.map_sum_clients_sharded(contribution_fn, shared, per_client, clients_per_step, mesh,
                                                 map_unroll)
     lengths = step_buckets.client_lengths(per_client[2])
-    narrow = not stacked and lowrank_at(1, batch) and narrow_batches(batch)
-    widths = step_buckets.client_widths(per_client[2]) if narrow else None
+    # Read only when make_buckets builds narrow buckets (low-rank one-step clients); one pass over the mask.
+    widths = None if stacked else step_buckets.client_widths(per_client[2])
     if mesh is None:
       buckets = make_buckets(shared, num_steps, batch, stacked)
       if stacked:
