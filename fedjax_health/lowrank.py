@@ -173,7 +173,7 @@ def slot_gram(table: jax.Array, offset: jax.Array, pos: jax.Array) -> jax.Array:
 
 def local_train(chain: DenseChain, params: Params, xs: jax.Array, ys: jax.Array, mask: jax.Array, *,
                 learning_rate: float, momentum: float = 0.0, prox_mu: float = 0.0,
-                gram_x: jax.Array | None = None):
+                gram_x: jax.Array | None = None, xw: jax.Array | None = None):
   """Returns (factors, aux) of one client's local SGD from ``params``, never forming its weights.
 
   Args:
@@ -184,21 +184,23 @@ def local_train(chain: DenseChain, params: Params, xs: jax.Array, ys: jax.Array,
     including the proximal term as the plain path reports it), ``num_steps``, ``num_examples``,
     ``sq_norm`` (squared norm of the whole delta, via Gram matrices).
   gram_x: optional ``[k*b, k*b]`` Gram of the flattened inputs (``slot_gram``); default ``x @ x.T``.
+  xw: optional ``[k, b, d_out]``: the inputs' product with the first layer's kernel (no bias), e.g.
+    rows of ``first_layer_products`` (one GEMM over a dataset's rows per round). With ``xw`` and
+    ``gram_x``, ``xs`` may be None: the first layer's factor ``H`` is then None, and the caller sums
+    its ``U`` against the inputs itself (``fedavg``: ``scatter_first_layer`` and ``first_layer_delta``).
   """
   k, b = mask.shape
   if k > MAX_STEPS:
     return _local_train_rolled(chain, params, xs, ys, mask, learning_rate=learning_rate, momentum=momentum,
-                               prox_mu=prox_mu, gram_x=gram_x)
-  x = xs.reshape(k * b, -1)
+                               prox_mu=prox_mu, gram_x=gram_x, xw=xw)
   wb = _weights(params, chain)
   n_layers = len(wb)
   act = chain.activation or (lambda z: z)
   # The first layer's product with the shared weights for every step at once (one GEMM per chunk)
   # and the Gram matrix of the client's inputs (its blocks give the first layer's corrections).
-  z0 = (x @ wb[0][0]).reshape(k, b, -1)
-  gram_x = _input_gram(x, gram_x).reshape(k, b, k, b)
-  a = jnp.zeros((k,), x.dtype)
-  v = jnp.zeros((k,), x.dtype)
+  x, z0, gram_x = _first_layer_inputs(xs, wb[0][0], k, b, gram_x, xw)
+  a = jnp.zeros((k,), z0.dtype)
+  v = jnp.zeros((k,), z0.dtype)
   gs: list[list[jax.Array]] = [[] for _ in wb]  # per layer, per step: dL/dz [b, d_out]
   hs: list[list[jax.Array]] = [[] for _ in wb]  # per layer >= 1, per step: the layer's input [b, d_in]
 
@@ -235,7 +237,7 @@ def local_train(chain: DenseChain, params: Params, xs: jax.Array, ys: jax.Array,
       return jnp.sum(ex * mf) / jnp.maximum(jnp.sum(mf), 1.0), inputs
 
     # zeros_like keeps x's varying-ness under shard_map: grad w.r.t. an invariant zero would be psum'd.
-    eps = [jnp.zeros_like(x, shape=(b, w.shape[1])) for w, _ in wb]
+    eps = [jnp.zeros_like(z0, shape=(b, w.shape[1])) for w, _ in wb]
     (loss, inputs), grads = jax.value_and_grad(loss_fn, has_aux=True)(eps)
     if prox_mu > 0 and t:
       loss = loss + 0.5 * prox_mu * stacked_sq_norm(coef)
@@ -253,8 +255,8 @@ def local_train(chain: DenseChain, params: Params, xs: jax.Array, ys: jax.Array,
   factors = []
   for l in range(n_layers):
     u = a[:, None, None] * jnp.stack(gs[l])
-    factors.append((x.reshape(k, b, -1) if l == 0 else jnp.stack(hs[l]), u, jnp.sum(u, axis=(0, 1))))
-  losses, act_f = jnp.stack(losses), jnp.stack(actives).astype(x.dtype)
+    factors.append((_first_layer_h(x, k, b) if l == 0 else jnp.stack(hs[l]), u, jnp.sum(u, axis=(0, 1))))
+  losses, act_f = jnp.stack(losses), jnp.stack(actives).astype(z0.dtype)
   aux = {
       "loss": jnp.sum(losses * act_f) / jnp.maximum(jnp.sum(act_f), 1.0),
       "num_steps": jnp.sum(act_f).astype(jnp.int32),
@@ -264,27 +266,42 @@ def local_train(chain: DenseChain, params: Params, xs: jax.Array, ys: jax.Array,
   return factors, aux
 
 
-def _input_gram(x: jax.Array, gram_x: jax.Array | None) -> jax.Array:
+def _first_layer_inputs(xs, kernel: jax.Array, k: int, b: int, gram_x, xw):
+  """Returns (flat inputs or None, first layer's ``x W`` ``[k, b, d_out]``, input Gram ``[k, b, k, b]``)."""
+  x = None if xs is None else xs.reshape(k * b, -1)
+  if xw is None:
+    if x is None:
+      raise ValueError("local_train needs xs, or xw and gram_x (the first layer's products and input Gram)")
+    z0 = (x @ kernel).reshape(k, b, -1)
+  else:
+    if xw.shape != (k, b, kernel.shape[1]):
+      raise ValueError(f"xw must be [k, b, d_out] = {(k, b, kernel.shape[1])}, got {xw.shape}")
+    z0 = xw.astype(kernel.dtype)
   if gram_x is None:
-    return x @ x.T
-  if gram_x.shape != (x.shape[0], x.shape[0]):
-    raise ValueError(f"gram_x must be [k*b, k*b] = {(x.shape[0],) * 2}, got {gram_x.shape}")
-  return gram_x.astype(x.dtype)
+    if x is None:
+      raise ValueError("local_train without xs needs gram_x (the input Gram, slot_gram)")
+    gram_x = x @ x.T
+  elif gram_x.shape != (k * b, k * b):
+    raise ValueError(f"gram_x must be [k*b, k*b] = {(k * b,) * 2}, got {gram_x.shape}")
+  return x, z0, gram_x.astype(z0.dtype).reshape(k, b, k, b)
+
+
+def _first_layer_h(x, k: int, b: int):
+  return None if x is None else x.reshape(k, b, -1)
 
 
 def _local_train_rolled(chain: DenseChain, params: Params, xs, ys, mask, *, learning_rate: float,
-                        momentum: float, prox_mu: float, gram_x: jax.Array | None = None):
+                        momentum: float, prox_mu: float, gram_x: jax.Array | None = None,
+                        xw: jax.Array | None = None):
   """``local_train`` as a ``lax.scan`` over steps with fixed-size factor buffers (any number of steps)."""
   k, b = mask.shape
-  x = xs.reshape(k * b, -1)
   wb = _weights(params, chain)
   n_layers = len(wb)
   act = chain.activation or (lambda z: z)
-  z0 = (x @ wb[0][0]).reshape(k, b, -1)
-  gram_x = _input_gram(x, gram_x).reshape(k, b, k, b)
+  x, z0, gram_x = _first_layer_inputs(xs, wb[0][0], k, b, gram_x, xw)
   # Buffers of every step's dL/dz (per layer) and input (layers >= 1); rows of later steps stay zero.
-  gs0 = [jnp.zeros_like(x, shape=(k, b, w.shape[1])) for w, _ in wb]
-  hs0 = [jnp.zeros_like(x, shape=(k, b, w.shape[0])) for w, _ in wb[1:]]
+  gs0 = [jnp.zeros_like(z0, shape=(k, b, w.shape[1])) for w, _ in wb]
+  hs0 = [jnp.zeros_like(z0, shape=(k, b, w.shape[0])) for w, _ in wb[1:]]
 
   def stacked_sq_norm(coef, gs, hs):
     total = 0.0
@@ -313,7 +330,7 @@ def _local_train_rolled(chain: DenseChain, params: Params, xs, ys, mask, *, lear
       mf = m_t.astype(ex.dtype)
       return jnp.sum(ex * mf) / jnp.maximum(jnp.sum(mf), 1.0), inputs
 
-    eps = [jnp.zeros_like(x, shape=(b, w.shape[1])) for w, _ in wb]
+    eps = [jnp.zeros_like(z0, shape=(b, w.shape[1])) for w, _ in wb]
     (loss, inputs), grads = jax.value_and_grad(loss_fn, has_aux=True)(eps)
     if prox_mu > 0:
       loss = loss + 0.5 * prox_mu * stacked_sq_norm(a, gs, hs)
@@ -324,14 +341,14 @@ def _local_train_rolled(chain: DenseChain, params: Params, xs, ys, mask, *, lear
     a_new = a - learning_rate * v_new
     return (jnp.where(active, a_new, a), jnp.where(active, v_new, v), gs, hs), (loss, active)
 
-  a0 = jnp.zeros_like(x, shape=(k,))
+  a0 = jnp.zeros_like(z0, shape=(k,))
   (a, _, gs, hs), (losses, actives) = jax.lax.scan(step, (a0, a0, gs0, hs0),
                                                    (jnp.arange(k), ys, mask))
   factors = []
   for l in range(n_layers):
     u = a[:, None, None] * gs[l]
-    factors.append((x.reshape(k, b, -1) if l == 0 else hs[l - 1], u, jnp.sum(u, axis=(0, 1))))
-  act_f = actives.astype(x.dtype)
+    factors.append((_first_layer_h(x, k, b) if l == 0 else hs[l - 1], u, jnp.sum(u, axis=(0, 1))))
+  act_f = actives.astype(z0.dtype)
   aux = {
       "loss": jnp.sum(losses * act_f) / jnp.maximum(jnp.sum(act_f), 1.0),
       "num_steps": jnp.sum(act_f).astype(jnp.int32),
@@ -342,12 +359,48 @@ def _local_train_rolled(chain: DenseChain, params: Params, xs, ys, mask, *, lear
 
 
 def weighted_sum(chain: DenseChain, factors, weights: jax.Array) -> Params:
-  """Returns ``sum_c weights[c] * delta_c`` as a params tree from stacked factors ``[C, k, b, .]``."""
+  """Returns ``sum_c weights[c] * delta_c`` as a params tree from stacked factors ``[C, k, b, .]``.
+
+  A layer whose ``H`` is None (``local_train`` given ``xw`` and no inputs) has no ``kernel`` entry:
+  its caller sums that kernel itself (``scatter_first_layer``, ``first_layer_delta``).
+  """
   out = {}
   for name, (h, u, db) in zip(chain.layers, factors):
-    wu = u * weights[:, None, None, None]
-    out[name] = {"kernel": jnp.einsum("cksi,ckso->io", h, wu), "bias": jnp.einsum("c,co->o", weights, db)}
+    out[name] = {"bias": jnp.einsum("c,co->o", weights, db)}
+    if h is not None:
+      out[name]["kernel"] = jnp.einsum("cksi,ckso->io", h, u * weights[:, None, None, None])
   return out
+
+
+def first_layer_products(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Returns ``[N, d_out]``: every row's product with the first layer's kernel (``x`` flattened per row).
+
+  With most of a round's clients training low-rank, one GEMM over the dataset's rows per round
+  replaces the per-chunk products over padded slots (``local_train(..., xw=...)``).
+  """
+  return x.reshape(x.shape[0], -1).astype(kernel.dtype) @ kernel
+
+
+def scatter_first_layer(buf: jax.Array, rows: jax.Array, u: jax.Array, weights: jax.Array) -> jax.Array:
+  """Returns ``buf [N, d_out]`` plus each client's weighted first-layer ``U`` at its examples' rows.
+
+  ``rows [C, k, b]``: each slot's row in the dataset; rows out of ``[0, N)`` (masked slots, padded
+  or rejected clients) are dropped. ``first_layer_delta(x, buf)`` is then ``sum_c w_c H_c^T U_c``
+  (an example seen in several steps adds each step's ``U``).
+  """
+  wu = u * weights[:, None, None, None]
+  return buf.at[rows.reshape(-1)].add(wu.reshape(-1, wu.shape[-1]), mode="drop")
+
+
+def first_layer_delta(x: jax.Array, buf: jax.Array) -> jax.Array:
+  """Returns ``x^T buf``: the first layer's weighted kernel sum from ``scatter_first_layer``'s buffer.
+
+  Non-finite inputs count as zero: a client that reads one is rejected, so its rows of ``buf`` are
+  zero, and ``inf * 0`` must not turn the whole sum into NaN (XLA fuses the select into the
+  transpose the product needs anyway).
+  """
+  x = x.reshape(x.shape[0], -1).astype(buf.dtype)
+  return jnp.where(jnp.isfinite(x), x, 0.0).T @ buf
 
 
 def dense_delta(chain: DenseChain, factors) -> Params:

@@ -83,6 +83,10 @@ class Bucket:
 
   ``batch``: the bucket takes only clients whose active slots all lie in the first ``batch`` slots of
   every step (``client_widths``); ``fn`` slices the batch axis to it. None: any client of its length.
+
+  ``scatter(extra, contribs [w, ...], valid [w]) -> extra``: with ``bucketed_map_sum(..., extra=...)``,
+  what the chunk adds into the map's extra accumulator (e.g. rows of a per-example buffer, which a
+  tree sum cannot express), besides ``chunk_sum``'s tree.
   """
 
   length: int
@@ -92,6 +96,7 @@ class Bucket:
   tail_width: int | None = None
   dynamic: bool = False
   batch: int | None = None
+  scatter: Callable | None = None
 
 
 def _masked_sum(contrib: PyTree, valid: jax.Array) -> PyTree:
@@ -136,7 +141,8 @@ def bucket_index(buckets: tuple[Bucket, ...], lengths: jax.Array, widths: jax.Ar
 
 
 def bucketed_map_sum(buckets: tuple[Bucket, ...], xs: PyTree, lengths: jax.Array,
-                     axis_name: str | None = None, widths: jax.Array | None = None) -> tuple[PyTree, PyTree]:
+                     axis_name: str | None = None, widths: jax.Array | None = None,
+                     extra: PyTree = None) -> tuple[PyTree, PyTree]:
   """Returns (sum over clients of contributions, stacked ``small`` outputs in cohort order).
 
   Args:
@@ -145,8 +151,12 @@ def bucketed_map_sum(buckets: tuple[Bucket, ...], xs: PyTree, lengths: jax.Array
     xs: per-client pytree ``[C, ...]``; ``lengths``: ``[C]`` from ``client_lengths``.
     axis_name: inside ``shard_map``, the axis along which the running values are per-device.
     widths: ``[C]`` from ``client_widths``; needed only when a bucket keeps part of the batch.
+    extra: an initial extra accumulator that buckets with ``Bucket.scatter`` add into; the sum is then
+      ``(tree sum, extra)``.
   Every bucket's contributions must reduce to the same tree (they are added together).
   """
+  if extra is None and any(b.scatter is not None for b in buckets):
+    raise ValueError("a bucket with Bucket.scatter needs bucketed_map_sum(..., extra=initial accumulator)")
   cohort = lengths.shape[0]
   order, starts, counts = assign_index(bucket_index(buckets, lengths, widths), len(buckets))
   max_w = max(max(b.width, b.tail_width or 1) for b in buckets)
@@ -170,10 +180,19 @@ def bucketed_map_sum(buckets: tuple[Bucket, ...], xs: PyTree, lengths: jax.Array
     if acc is None:
       acc = varying(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), a_shape))
       small_buf = varying(jax.tree.map(lambda s: jnp.zeros((cohort,) + s.shape[1:], s.dtype), s_shape))
+  if extra is not None:
+    acc = (acc, varying(extra))
+
+  def add(b: Bucket, acc, contrib, valid):
+    """``acc`` plus a chunk's contributions (and its scatter into the extra accumulator)."""
+    chunk_sum = b.chunk_sum or _masked_sum
+    if extra is None:
+      return jax.tree.map(jnp.add, acc, chunk_sum(contrib, valid))
+    tree, ext = acc
+    return (jax.tree.map(jnp.add, tree, chunk_sum(contrib, valid)),
+            ext if b.scatter is None else b.scatter(ext, contrib, valid))
 
   def run_chunks(b: Bucket, width: int, first, stop, n_chunks, carry):
-    chunk_sum = b.chunk_sum or _masked_sum
-
     def body(i, carry):
       acc, small_buf = carry
       slot = first + i * width + jnp.arange(width, dtype=jnp.int32)
@@ -181,7 +200,7 @@ def bucketed_map_sum(buckets: tuple[Bucket, ...], xs: PyTree, lengths: jax.Array
       idx = order[slot]
       x = jax.tree.map(lambda a: jnp.take(a, idx, axis=0, mode="clip"), xs)
       contrib, small = jax.vmap(b.fn)(x)
-      acc = jax.tree.map(jnp.add, acc, chunk_sum(contrib, valid))
+      acc = add(b, acc, contrib, valid)
       dest = jnp.where(valid, idx, cohort)  # padded lanes scatter nowhere
       small_buf = jax.tree.map(lambda buf, s: buf.at[dest].set(s, mode="drop"), small_buf, small)
       return acc, small_buf
@@ -189,7 +208,6 @@ def bucketed_map_sum(buckets: tuple[Bucket, ...], xs: PyTree, lengths: jax.Array
     return jax.lax.fori_loop(0, n_chunks, body, carry)
 
   def run_dynamic(b: Bucket, first, count, carry):
-    chunk_sum = b.chunk_sum or _masked_sum
     valid = jnp.ones((1,), jnp.bool_)
 
     def body(i, carry):
@@ -197,10 +215,13 @@ def bucketed_map_sum(buckets: tuple[Bucket, ...], xs: PyTree, lengths: jax.Array
       idx = order[first + i]
       x = jax.tree.map(lambda a: a[idx], xs)
       contrib, small = b.fn(x, lengths[idx])
-      if b.chunk_sum is None:  # every lane is a real client: add its contribution as it is
-        acc = jax.tree.map(jnp.add, acc, contrib)
+      if b.chunk_sum is None and b.scatter is None:  # a real client: add its contribution as it is
+        if extra is None:
+          acc = jax.tree.map(jnp.add, acc, contrib)
+        else:
+          acc = (jax.tree.map(jnp.add, acc[0], contrib), acc[1])
       else:
-        acc = jax.tree.map(jnp.add, acc, chunk_sum(jax.tree.map(lambda a: a[None], contrib), valid))
+        acc = add(b, acc, jax.tree.map(lambda a: a[None], contrib), valid)
       small_buf = jax.tree.map(lambda buf, s: buf.at[idx].set(s), small_buf, small)
       return acc, small_buf
 

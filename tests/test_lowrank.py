@@ -197,8 +197,9 @@ def test_device_train_data_checks_gram_rows_and_round_checks_the_table():
   model, alg, round_fn = _round_fn("lowrank", ds.client_sizes, ds.x.shape[1], cohort=6, width=None, server="sgd",
                                    momentum=0.0, prox_mu=0.0, mesh=None, num_steps=None)
   train = fa.device_train_data(ds, alg.gram_rows)
-  train["gram"] = train["gram"][:-1]
-  with pytest.raises(ValueError, match="has 41 rows, the arrays 42"):
+  assert train["gram"].shape[0] == 42  # every client is covered here
+  train["gram"] = jnp.concatenate([train["gram"], train["gram"][:1]])
+  with pytest.raises(ValueError, match="has 43 rows, more than the arrays' 42"):
     alg.round_fn(alg.init(model.init(jax.random.key(0))), train, jax.random.key(3))
 
 
@@ -346,3 +347,161 @@ def test_simulation_builds_the_gram_table_for_its_lowrank_round():
   assert exp.train["gram"].shape == (data.train.num_examples, 8)  # two steps of 4: every bucket
   with pytest.raises(ValueError, match="arrays\\['x'\\]"):
     fa.device_train_data(from_client_arrays([{"u": np.zeros((2, 3), np.float32)}]), 4)
+
+
+# --- the first layer's products once per round (fedavg(first_layer_products=...)) ---
+
+def test_local_train_from_products_equals_from_inputs():
+  """``xw`` (the first layer's x W) and ``gram_x`` instead of the inputs: the same factors, no H."""
+  model = models.get_model("mlp", 3, (7,), hidden=(16, 8))
+  chain = lowrank.dense_chain(model)
+  params = model.init(jax.random.key(0))
+  for k in (3, lowrank.MAX_STEPS + 2):  # unrolled and rolled
+    xs, ys, mask = _client_batch(k=k)
+    x = xs.reshape(-1, 7)
+    ref, ref_aux = lowrank.local_train(chain, params, xs, ys, mask, learning_rate=0.3, momentum=0.5, prox_mu=0.2)
+    got, aux = lowrank.local_train(chain, params, None, ys, mask, learning_rate=0.3, momentum=0.5, prox_mu=0.2,
+                                   xw=xs @ params["body_0"]["kernel"], gram_x=x @ x.T)
+    assert got[0][0] is None
+    for (h_r, u_r, b_r), (h, u, b) in zip(ref, got):
+      np.testing.assert_allclose(u, u_r, atol=1e-6)
+      np.testing.assert_allclose(b, b_r, atol=1e-6)
+    for h_r, h in zip([f[0] for f in ref[1:]], [f[0] for f in got[1:]]):
+      np.testing.assert_allclose(h, h_r, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), aux, ref_aux)
+  with pytest.raises(ValueError, match="needs xs, or xw and gram_x"):
+    lowrank.local_train(chain, params, None, ys, mask, learning_rate=0.3)
+  with pytest.raises(ValueError, match="without xs needs gram_x"):
+    lowrank.local_train(chain, params, None, ys, mask, learning_rate=0.3, xw=xs @ params["body_0"]["kernel"])
+  with pytest.raises(ValueError, match=r"xw must be \[k, b, d_out\]"):
+    lowrank.local_train(chain, params, xs, ys, mask, learning_rate=0.3, xw=xs)
+
+
+def test_scattered_first_layer_equals_weighted_sum():
+  """U scattered at the examples' rows, then x^T buf, equals sum_c w_c H_c^T U_c: repeated rows (an
+  example in two steps) add up, rows past the buffer (masked slots) are dropped, and a non-finite
+  input row whose buffer row is zero leaves the sum finite."""
+  model = models.get_model("mlp", 3, (7,), hidden=(5,))
+  chain = lowrank.dense_chain(model)
+  params = model.init(jax.random.key(1))
+  rng = np.random.default_rng(0)
+  data = rng.normal(size=(20, 7)).astype(np.float32)
+  k, b = 4, 3
+  rows = np.stack([rng.integers(0, 6, (k, b)) + 6 * c for c in range(3)])  # 3 clients, rows repeat
+  rows[0, 3] = 20  # masked slots point past the buffer
+  mask = rows < 20
+  train = jax.jit(lambda xs, ys, m: lowrank.local_train(chain, params, xs, ys, m, learning_rate=0.2))
+  ys = rng.integers(0, 3, (k, b))
+  factors = [train(jnp.asarray(data[np.minimum(r, 19)]), ys, mask[c])[0] for c, r in enumerate(rows)]
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *factors)
+  w = jnp.array([2.0, 0.5, 1.0])
+  expected = lowrank.weighted_sum(chain, stacked, w)["body_0"]["kernel"]
+  buf = lowrank.scatter_first_layer(jnp.zeros((20, 5)), jnp.asarray(rows), stacked[0][1], w)
+  np.testing.assert_allclose(lowrank.first_layer_delta(jnp.asarray(data), buf), expected, atol=1e-5)
+  data[19, 2] = np.inf  # a row no client trains on (its buffer row is zero)
+  np.testing.assert_allclose(lowrank.first_layer_delta(jnp.asarray(data), buf), expected, atol=1e-5)
+  no_kernel = lowrank.weighted_sum(chain, ((None, stacked[0][1], stacked[0][2]),) + tuple(stacked[1:]), w)
+  assert "kernel" not in no_kernel["body_0"] and "kernel" in no_kernel["head"]
+
+
+def _mixed_data(sizes=(1, 2, 3, 4, 6, 8, 13, 0, 30, 2, 40, 5, 7, 1), dim=64, poison=None):
+  """A heavy-tailed population on which ``auto`` trains short clients low-rank and long ones dense."""
+  rng = np.random.default_rng(1)
+  arrays = [{"x": rng.normal(size=(n, dim)).astype(np.float32), "y": rng.integers(0, 3, n).astype(np.int32)}
+            for n in sizes]
+  if poison is not None:
+    arrays[poison]["x"][0, 3] = np.inf
+  return from_client_arrays(arrays)
+
+
+def _mixed_run(ds, products, *, fast_path="auto", epochs=1, cohort=None, momentum=0.0, prox_mu=0.0, rounds=2):
+  model = models.get_model("mlp", 3, (ds.x.shape[1],), hidden=(32,))
+  plan = BatchPlanSpec.create(ds.client_sizes, 4, num_epochs=epochs)
+  alg = fa.fedavg(model, num_clients=ds.num_clients, cohort_size=cohort or ds.num_clients, plan=plan,
+                  client_opt=client_lib.sgd(0.1, momentum), prox_mu=prox_mu, fast_path=fast_path,
+                  first_layer_products=products, lowrank_width=3)
+  state = alg.init(model.init(jax.random.key(0)))
+  train = fa.device_train_data(ds, alg.gram_rows)
+  round_fn = jax.jit(alg.round_fn)
+  history = []
+  for r in range(rounds):
+    state, metrics = round_fn(state, train, jax.random.key(r))
+    history.append(metrics)
+  return (state, history), alg
+
+
+@pytest.mark.parametrize("setting", [dict(), dict(epochs=2, momentum=0.5, prox_mu=0.3), dict(cohort=9)])
+def test_round_with_first_layer_products_equals_per_chunk_and_dense(setting, monkeypatch):
+  """Products once per round (narrow, 1- and 2-step low-rank buckets beside dense clients; examples
+  repeated over 2 epochs; a partial cohort) equal the per-chunk products and dense training."""
+  ds = _mixed_data()
+  calls = []
+  scatter = lowrank.scatter_first_layer
+  monkeypatch.setattr(lowrank, "scatter_first_layer", lambda *a: calls.append(1) or scatter(*a))
+  with_products, alg = _mixed_run(ds, True, **setting)
+  assert alg.path == "plain+lowrank" and 0 < alg.gram_rows < max(ds.client_sizes)
+  assert len(calls) >= 2  # traced: narrow and full buckets scatter into the round's buffer
+  calls.clear()
+  per_chunk, _ = _mixed_run(ds, False, **setting)
+  assert not calls
+  _assert_same_rounds(with_products, per_chunk)
+  _assert_same_rounds(with_products, _mixed_run(ds, None, fast_path="off", **setting)[0])
+
+
+def test_round_with_first_layer_products_rejects_a_non_finite_client():
+  ds = _mixed_data(poison=2)  # a 3-example client (low-rank, covered by the table) reads an inf input
+  with_products, _ = _mixed_run(ds, True)
+  _assert_same_rounds(with_products, _mixed_run(ds, False)[0])
+  assert int(with_products[1][0]["num_nonfinite"]) == 1
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(with_products[0].params))
+
+
+def test_device_train_data_puts_the_table_clients_first():
+  """Clients of at most gram_rows examples come first; every client's rows, in order, follow its
+  offset; the table covers exactly their rows."""
+  ds = _mixed_data()
+  train = fa.device_train_data(ds, 8)
+  sizes = np.asarray(ds.client_sizes)
+  small = sizes <= 8
+  covered = int(sizes[small].sum())
+  offsets = np.asarray(train["offsets"])
+  assert train["gram"].shape == (covered, 8)
+  assert np.all(offsets[:-1][small] + sizes[small] <= covered) and np.all(offsets[:-1][~small] >= covered)
+  for c in range(ds.num_clients):
+    for key in ("x", "y"):
+      np.testing.assert_array_equal(np.asarray(train["arrays"][key])[offsets[c]:offsets[c] + sizes[c]],
+                                    ds.arrays[key][ds.offsets[c]:ds.offsets[c + 1]])
+  np.testing.assert_array_equal(train["sizes"], sizes)
+  x = np.asarray(train["arrays"]["x"])
+  c = 5  # 6 examples
+  np.testing.assert_allclose(train["gram"][offsets[c]:offsets[c] + 6, :6],
+                             x[offsets[c]:offsets[c] + 6] @ x[offsets[c]:offsets[c] + 6].T, rtol=1e-5, atol=1e-4)
+  assert "gram" not in fa.device_train_data(ds, 0) and np.array_equal(fa.device_train_data(ds, 0)["offsets"],
+                                                                       ds.offsets)
+
+
+def test_first_layer_products_refused_where_they_cannot_apply(require_host_devices):
+  model = models.get_model("mlp", 3, (12,), hidden=(16,))
+  with pytest.raises(ValueError, match="first_layer_products must be None, True or False"):
+    _fedavg(model, first_layer_products="yes")
+  with pytest.raises(ValueError, match="first_layer_products=True cannot be used: the round has no low-rank"):
+    _fedavg(model, first_layer_products=True, fast_path="off")
+  ds = _data()
+  fixed = BatchPlanSpec.create(ds.client_sizes, 2, num_epochs=None, num_steps=5)
+  with pytest.raises(ValueError, match="no low-rank bucket covered by the input Gram table"):
+    _fedavg(model, first_layer_products=True, plan=fixed)
+  require_host_devices(2)
+  with pytest.raises(ValueError, match="a client mesh is set"):
+    _fedavg(model, first_layer_products=True, fast_path="lowrank", mesh=client_lib.make_client_mesh(2))
+
+
+def test_first_layer_products_automatic_with_most_clients_in_the_cohort(monkeypatch):
+  ds = _mixed_data()  # 14 clients
+  calls = []
+  products = lowrank.first_layer_products
+  monkeypatch.setattr(lowrank, "first_layer_products", lambda *a: calls.append(1) or products(*a))
+  _mixed_run(ds, None, cohort=11, rounds=1)  # >= FIRST_LAYER_MIN_COHORT (0.75) of the clients
+  assert calls
+  calls.clear()
+  _mixed_run(ds, None, cohort=10, rounds=1)
+  assert not calls

@@ -107,7 +107,8 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
            client_ctx_fn: Callable = default_client_ctx, sampling_weights=None, unroll: int | bool = 1,
            map_unroll: int | bool = 1,
            plan_fn: Callable | None = None, fast_path: str = "auto",
-           lowrank_width: int | None = None, weighting: str = "examples_used") -> FederatedAlgorithm:
+           lowrank_width: int | None = None, weighting: str = "examples_used",
+           first_layer_products: bool | None = None) -> FederatedAlgorithm:
   """Returns the FedAvg/FedProx/FedOpt algorithm for ``model``.
 
   Args:
@@ -138,6 +139,12 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
       bucket's length: ~8 MB of factors on CPU, ~512 MB on accelerators).
     weighting: the server's client weights (``fedopt.aggregation_weights``): "examples_used"
       (McMahan et al.), "dataset_size" (FLamby) or "uniform"; 0 for a non-finite update.
+    first_layer_products: on the low-rank path with the input Gram table (``device_train_data``),
+      form the first layer's products ``x W`` for the table's rows with one GEMM per round and its
+      kernel's weighted sum with one more (``lowrank.first_layer_products``, ``first_layer_delta``)
+      instead of per chunk over the clients' padded batch slots. None: when ``cohort_size >=
+      FIRST_LAYER_MIN_COHORT * num_clients`` (most rows train each round); True requires it (error
+      naming what prevents it); False never. Results agree to float rounding.
   The client-map stage runs each client only for its own steps, bucketed by length
   (``step_buckets.py``; ``plan.step_buckets="none"``: padded to the longest); results are the same.
   """
@@ -163,6 +170,8 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
   per_device = max(cohort_size // (mesh.shape[client_lib.CLIENTS_AXIS] if mesh is not None else 1), 1)
   if lowrank_width is not None and lowrank_width < 1:
     raise ValueError(f"lowrank_width must be >= 1, got {lowrank_width}")
+  if first_layer_products not in (None, True, False):
+    raise ValueError(f"first_layer_products must be None, True or False, got {first_layer_products!r}")
 
   def lowrank_at(length: int, batch: int, num_buckets: int = 1) -> int:
     """Chunk width of the low-rank path for clients of ``length`` steps (0: train them dense).
@@ -193,6 +202,17 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
   # covers it; fixed-step and custom plans (plan_fn) put no such bound on a bucket's clients.
   gram_rows = max([n * plan.batch_size for n in lens if lowrank_at(n, plan.batch_size, len(lens))]
                   if plan.num_epochs is not None and plan_fn is None and streaming else [], default=0)
+  # The first layer's products once per round over the table's rows (device_train_data puts the
+  # clients it covers first), when most of those rows train: see FIRST_LAYER_MIN_COHORT.
+  product_blockers = [why for cond, why in [
+      (gram_rows > 0, "the round has no low-rank bucket covered by the input Gram table (low-rank path, "
+                      "epoch plan without plan_fn, streaming aggregator)"),
+      (mesh is None, "a client mesh is set (shard_map rounds form the products per chunk)")] if not cond]
+  if first_layer_products and product_blockers:
+    raise ValueError("first_layer_products=True cannot be used: " + "; ".join(product_blockers))
+  round_products = not product_blockers and (
+      first_layer_products if first_layer_products is not None
+      else cohort_size >= FIRST_LAYER_MIN_COHORT * num_clients)
 
   def init(params):
     return ServerState(params, server_opt.init(params), aggregator.init(params), jnp.zeros((), jnp.int32))
@@ -235,34 +255,57 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     scale, stats = streaming_agg.client_scale(norm, w, ctx)
     return dict(aux, num_examples=jnp.where(finite, aux["num_examples"], 0.0), weight=w), norm, scale, stats
 
+  def uses_table(gram, steps: int, slots: int) -> bool:
+    """Whether a low-rank bucket of ``steps x slots`` reads the input Gram table: every client of it
+    fits in the table (epoch plans: a client of <= steps steps holds <= steps * batch examples)."""
+    return gram is not None and steps * slots <= min(gram.shape[1], gram_rows)
+
   def lowrank_contribution_fn(shared, per_client, length=None, slots=None):
-    params, arrays, gram = shared
+    params, arrays, gram, products = shared
     offset, pos, mask, _, _, _ = per_client
     # A bucket's clients are masked past `length` steps and, in a narrow bucket, past `slots` slots.
     pos, mask = pos[:length, :slots], mask[:length, :slots]
-    batch = client_lib.gather_client_batches(arrays, offset, pos)
-    # The input Gram from the precomputed table where every client of this bucket fits in it (epoch
-    # plans: a client of <= length steps holds <= length * batch examples); else x @ x.T per client.
-    use_table = gram is not None and pos.shape[0] * pos.shape[1] <= min(gram.shape[1], gram_rows)
-    factors, aux = lowrank_lib.local_train(chain, params, batch["x"], batch["y"], mask,
-                                           learning_rate=client_opt.learning_rate,
-                                           momentum=client_opt.momentum, prox_mu=prox_mu,
-                                           gram_x=(lowrank_lib.slot_gram(gram, offset, pos) if use_table
-                                                   else None))
+    use_table = uses_table(gram, pos.shape[0], pos.shape[1])
+    kw = dict(learning_rate=client_opt.learning_rate, momentum=client_opt.momentum, prox_mu=prox_mu,
+              gram_x=lowrank_lib.slot_gram(gram, offset, pos) if use_table else None)
+    if use_table and products is not None:
+      # The first layer's x W from the round's products: no inputs gathered; the chunk scatters U
+      # at the slots' rows (masked slots to a row past the buffer, dropped).
+      idx = offset + pos
+      xw = jnp.take(products, idx, axis=0, mode="clip")
+      y = jnp.take(arrays["y"], idx, axis=0, mode="clip")
+      factors, aux = lowrank_lib.local_train(chain, params, None, y, mask, xw=xw, **kw)
+      extra = (jnp.where(mask, idx, products.shape[0]),)
+    else:
+      # The input Gram from the precomputed table where the bucket fits in it; else x @ x.T per client.
+      batch = client_lib.gather_client_batches(arrays, offset, pos)
+      factors, aux = lowrank_lib.local_train(chain, params, batch["x"], batch["y"], mask, **kw)
+      extra = ()
     sq_norm = aux.pop("sq_norm")
     finite = jnp.isfinite(sq_norm) & client_lib.tree_all_finite(factors)
     aux, norm, scale, stats = weigh(aux, sq_norm, finite, per_client[4], per_client[5])
-    return (factors, scale, finite, stats), (aux, norm, finite)
+    return (factors, scale, finite, stats) + extra, (aux, norm, finite)
+
+  def lowrank_scatter(buf, contrib, valid):
+    """Adds a chunk's first-layer ``U`` (weighted) at its examples' rows; padded or rejected clients add nothing."""
+    factors, scale, finite, _, rows = contrib
+    keep = valid & finite
+    rows = jnp.where(keep[:, None, None], rows, buf.shape[0])
+    return lowrank_lib.scatter_first_layer(buf, rows, factors[0][1], jnp.where(keep, scale, 0.0))
 
   def lowrank_chunk_sum(contrib, valid):
-    factors, scale, finite, stats = contrib
+    factors, scale, finite, stats = contrib[:4]
     scale = jnp.where(valid, scale, 0.0)
     # Zero weight does not cancel a NaN in a factor: only chunks holding a non-finite client pay
     # for selecting its factors away (the common all-finite chunk goes straight to the GEMMs).
     factors = jax.lax.cond(jnp.all(finite), lambda f: f,
                            lambda f: jax.tree.map(lambda a: jnp.where(
                                finite.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0.0), f), factors)
-    return lowrank_lib.weighted_sum(chain, factors, scale), client_lib.masked_chunk_sum(stats, valid)
+    total = lowrank_lib.weighted_sum(chain, factors, scale)
+    first = chain.layers[0]
+    if "kernel" not in total[first]:  # summed from the round's buffer (lowrank_scatter); XLA drops + 0
+      total[first]["kernel"] = jnp.zeros(shapes[first]["kernel"].shape, shapes[first]["kernel"].dtype)
+    return total, client_lib.masked_chunk_sum(stats, valid)
 
   def make_buckets(shared, num_steps: int, batch: int, stacked: bool):
     """The client-map stage's buckets: per static length, the low-rank or the dense client function.
@@ -277,15 +320,18 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     for length in lengths:
       w = 0 if stacked else lowrank_at(length, batch, len(lengths))
       if w:
+        # Buckets whose clients read the round's first-layer products scatter their U into its buffer.
+        scatter = lambda n, nb: (lowrank_scatter if shared[3] is not None and uses_table(shared[2], n, nb)
+                                 else None)
         for nb in narrow_batches(batch) if length == 1 else ():
           fn = lambda pc, nb=nb: lowrank_contribution_fn(shared, pc, 1, nb)
           # As many rows per chunk as the full bucket's (its clients times batch / nb), within the
           # factors' memory budget: at the full bucket's client count the GEMMs had fewer rows and
           # the narrow buckets saved less (a 25-repeat A/B, 4 runs: 0-3.4% against 2-4%).
           wn = max(lowrank_at(1, nb, len(lengths)), min(w * -(-batch // nb), lowrank_at(1, nb)))
-          buckets.append(step_buckets.Bucket(1, fn, wn, lowrank_chunk_sum, batch=nb))
+          buckets.append(step_buckets.Bucket(1, fn, wn, lowrank_chunk_sum, batch=nb, scatter=scatter(1, nb)))
         fn = lambda pc, n=length: lowrank_contribution_fn(shared, pc, n)
-        buckets.append(step_buckets.Bucket(length, fn, w, lowrank_chunk_sum))
+        buckets.append(step_buckets.Bucket(length, fn, w, lowrank_chunk_sum, scatter=scatter(length, batch)))
       elif dynamic_dense:
         f = dynamic_client_fn if stacked else dynamic_contribution_fn
         buckets.append(step_buckets.Bucket(num_steps, lambda pc, n, f=f: f(shared, pc, n), dynamic=True))
@@ -316,7 +362,17 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
       buckets = make_buckets(shared, num_steps, batch, stacked)
       if stacked:
         return step_buckets.bucketed_map(buckets, per_client, lengths)
-      return step_buckets.bucketed_map_sum(buckets, per_client, lengths, widths=widths)
+      products = shared[3]
+      if products is None or not any(b.scatter for b in buckets):
+        return step_buckets.bucketed_map_sum(buckets, per_client, lengths, widths=widths)
+      # The low-rank clients' first-layer U, scattered at their rows, then one GEMM against the rows.
+      ((total, stats), buf), small = step_buckets.bucketed_map_sum(
+          buckets, per_client, lengths, widths=widths, extra=jnp.zeros_like(products))
+      first = chain.layers[0]
+      x = shared[1]["x"][:products.shape[0]]
+      total = {**total, first: {**total[first],
+                                "kernel": total[first]["kernel"] + lowrank_lib.first_layer_delta(x, buf)}}
+      return (total, stats), small
     return step_buckets.bucketed_map_sum_sharded(lambda sh: make_buckets(sh, num_steps, batch, stacked), shared,
                                                  per_client, lengths, mesh, stacked, widths)
 
@@ -337,10 +393,16 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     per_client = (train["offsets"][cohort], pos, mask, jax.random.split(k_clients, cohort_size), ctx, sizes)
     gram = train.get("gram") if gram_rows else None
     rows = jax.tree.leaves(train["arrays"])[0].shape[0]
-    if gram is not None and gram.shape[0] != rows:
-      raise ValueError(f"train['gram'] has {gram.shape[0]} rows, the arrays {rows}: build it with "
+    if gram is not None and gram.shape[0] > rows:
+      raise ValueError(f"train['gram'] has {gram.shape[0]} rows, more than the arrays' {rows}: build it with "
                        "device_train_data from the same dataset")
-    shared = (state.params, train["arrays"], gram)
+    products = None
+    if round_products and gram is not None and "x" in train["arrays"]:
+      kernel = state.params[chain.layers[0]]["kernel"]
+      # The products and the U buffer ([rows, d_out] each) within the inputs' memory or the budget.
+      if 2 * gram.shape[0] * kernel.shape[1] * 4 <= max(GRAM_TABLE_BUDGET, gram.shape[0] * kernel.shape[0] * 4):
+        products = lowrank_lib.first_layer_products(train["arrays"]["x"][:gram.shape[0]], kernel)
+    shared = (state.params, train["arrays"], gram, products)
     if streaming:
       agg, aux, norms, info = _streaming_aggregate(shared, per_client, k_agg)
       agg_state, weights = state.agg_state, aux["weight"]
@@ -381,6 +443,10 @@ def narrow_batches(batch: int) -> tuple[int, ...]:
 
 GRAM_TABLE_BUDGET = 256 << 20  # bytes of input Gram table always allowed (device_train_data)
 MIN_LOWRANK_CHUNK = 8  # clients per low-rank chunk below which the several-bucket cap stops (lowrank_at)
+# fedavg(first_layer_products=None) forms the first layer's products over the Gram table's rows once
+# per round when the cohort holds at least this share of the clients: per chunk, the products run over
+# the cohort's share of those rows times ~1.4 (the padded slots of the sigma 1 and 1.5 populations).
+FIRST_LAYER_MIN_COHORT = 0.75
 
 
 def _use_lowrank(fast_path: str, chain, model, shapes, plan: BatchPlanSpec, **setting) -> bool:
@@ -416,27 +482,47 @@ def device_train_data(dataset, gram_rows: int = 0) -> dict:
   ``gram_rows > 0`` (pass the algorithm's ``gram_rows``) adds ``"gram"``: ``lowrank.gram_table`` of
   ``x`` over clients of at most that many examples, computed once here so low-rank rounds look their
   input Gram matrices up instead of forming them every round (the same values up to float rounding).
-  The table (``[N, gram_rows]``) is left out, and rounds form the products, when it would take more
+  The clients the table covers (at most ``gram_rows`` examples) then come first in the arrays (each
+  client's rows contiguous and in order, ``offsets`` following), so the table is ``[R, gram_rows]``
+  for their R rows, and so are the round's first-layer products (``fedavg(first_layer_products=)``).
+  The table is left out, and rounds form the products, when it would take more
   than ``GRAM_TABLE_BUDGET`` bytes and more than half the inputs' memory: few input features and
   wide hidden layers let the low-rank path take many rows per client (e.g. 4 inputs, 126 rows).
   """
   if isinstance(gram_rows, bool) or not isinstance(gram_rows, (int, np.integer)) or gram_rows < 0:
     raise ValueError(f"gram_rows must be an int >= 0, got {gram_rows!r}")
-  out = {
-      "arrays": {k: jnp.asarray(v) for k, v in dataset.arrays.items()},
-      "offsets": jnp.asarray(dataset.offsets, jnp.int32),
-      "sizes": jnp.asarray(dataset.client_sizes, jnp.int32),
-  }
+  arrays = dict(dataset.arrays)
+  offsets = np.asarray(dataset.offsets)
+  sizes = np.asarray(dataset.client_sizes)
+  table = None
   if gram_rows:
-    if "x" not in dataset.arrays:
-      raise ValueError(f"gram_rows needs the inputs under arrays['x']; the dataset has "
-                       f"{sorted(dataset.arrays)}")
-    x = np.asarray(dataset.arrays["x"])
-    table_bytes = len(x) * int(gram_rows) * max(x.dtype.itemsize, 4)
+    if "x" not in arrays:
+      raise ValueError(f"gram_rows needs the inputs under arrays['x']; the dataset has {sorted(arrays)}")
+    x = np.asarray(arrays["x"])
+    small = sizes <= gram_rows
+    table_bytes = int(np.sum(sizes[small])) * int(gram_rows) * max(x.dtype.itemsize, 4)
     if table_bytes > max(GRAM_TABLE_BUDGET, x.nbytes / 2):
       logging.getLogger(__name__).info(
           "device_train_data: no input Gram table (%d MB for %d rows x %d; inputs %d MB): rounds form the products",
-          table_bytes >> 20, len(x), gram_rows, x.nbytes >> 20)
+          table_bytes >> 20, int(np.sum(sizes[small])), gram_rows, x.nbytes >> 20)
     else:
-      out["gram"] = jnp.asarray(lowrank_lib.gram_table(x, dataset.offsets, int(gram_rows)))
+      # The clients the table covers first (each client's rows stay contiguous and in order; offsets
+      # follow), so the table and the round's first-layer products span rows [0, R) only.
+      order = np.concatenate([np.flatnonzero(small), np.flatnonzero(~small)])
+      starts = np.cumsum(sizes[order]) - sizes[order]
+      if not np.array_equal(order, np.arange(len(sizes))):
+        rows = np.repeat(offsets[:-1][order] - starts, sizes[order]) + np.arange(int(offsets[-1]))
+        arrays = {k: np.asarray(v)[rows] for k, v in arrays.items()}
+        offsets = np.append(np.zeros(len(sizes), np.int64), offsets[-1])
+        offsets[order] = starts
+      covered = int(np.sum(sizes[small]))
+      bounds = np.append(0, np.cumsum(sizes[small]))  # the covered clients, now rows [0, covered)
+      table = lowrank_lib.gram_table(np.asarray(arrays["x"])[:covered], bounds, int(gram_rows))
+  out = {
+      "arrays": {k: jnp.asarray(v) for k, v in arrays.items()},
+      "offsets": jnp.asarray(offsets, jnp.int32),
+      "sizes": jnp.asarray(sizes, jnp.int32),
+  }
+  if table is not None:
+    out["gram"] = jnp.asarray(table)
   return out
