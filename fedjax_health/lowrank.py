@@ -53,6 +53,7 @@ import numpy as np
 from fedjax_health import models as models_lib
 
 Params = Any
+PRODUCT_BLOCK_ROWS = 1024  # rows per block of first_layer_products / first_layer_delta (512-2048 ran alike)
 MAX_STEPS = 4  # up to this many local steps are unrolled (compile time grows ~k^2); beyond, a rolled scan.
 # Measured (1,000 lognormal clients, sigma 1, 2-core CPU): the 3-4-step bucket unrolled ran the round
 # in 259 ms against 273 ms rolled, for ~1 s more compile.
@@ -372,13 +373,34 @@ def weighted_sum(chain: DenseChain, factors, weights: jax.Array) -> Params:
   return out
 
 
-def first_layer_products(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Returns ``[N, d_out]``: every row's product with the first layer's kernel (``x`` flattened per row).
+def first_layer_products(x: jax.Array, kernel: jax.Array, rows: int | None = None,
+                         block: int | None = None) -> jax.Array:
+  """Returns ``[rows, d_out]``: the first ``rows`` rows' products with the first layer's kernel (``x``
+  flattened per row; default every row).
 
-  With most of a round's clients training low-rank, one GEMM over the dataset's rows per round
-  replaces the per-chunk products over padded slots (``local_train(..., xw=...)``).
+  With most of a round's clients training low-rank, one pass over the dataset's rows per round
+  replaces the per-chunk products over padded slots (``local_train(..., xw=...)``). It runs in
+  blocks of ``block`` rows: on a 2-core CPU, 11,926 of 20,000 MNIST-sized rows took 40 ms in blocks
+  of 1,024 against 61 ms as one product of the sliced rows (XLA copied the slice first). ``block``
+  defaults to ``PRODUCT_BLOCK_ROWS``.
   """
-  return x.reshape(x.shape[0], -1).astype(kernel.dtype) @ kernel
+  x = x.reshape(x.shape[0], -1)
+  rows = x.shape[0] if rows is None else rows
+  if not 0 <= rows <= x.shape[0]:
+    raise ValueError(f"rows must be in [0, {x.shape[0]}], got {rows}")
+  block = block or PRODUCT_BLOCK_ROWS
+  n, rem = divmod(rows, block)
+
+  def body(i, out):
+    xb = jax.lax.dynamic_slice_in_dim(x, i * block, block).astype(kernel.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(out, xb @ kernel, i * block, 0)
+
+  out = jnp.zeros((rows, kernel.shape[1]), kernel.dtype)
+  if n:
+    out = jax.lax.fori_loop(0, n, body, out)
+  if rem:
+    out = jax.lax.dynamic_update_slice_in_dim(out, x[n * block:rows].astype(kernel.dtype) @ kernel, n * block, 0)
+  return out
 
 
 def scatter_first_layer(buf: jax.Array, rows: jax.Array, u: jax.Array, weights: jax.Array) -> jax.Array:
@@ -392,18 +414,28 @@ def scatter_first_layer(buf: jax.Array, rows: jax.Array, u: jax.Array, weights: 
   return buf.at[rows.reshape(-1)].add(wu.reshape(-1, wu.shape[-1]), mode="drop")
 
 
-def first_layer_delta(x: jax.Array, buf: jax.Array) -> jax.Array:
-  """Returns ``x^T buf``: the first layer's weighted kernel sum from ``scatter_first_layer``'s buffer.
+def first_layer_delta(x: jax.Array, buf: jax.Array, block: int | None = None) -> jax.Array:
+  """Returns ``x[:R]^T buf`` for ``buf [R, d_out]`` from ``scatter_first_layer``: the first layer's
+  weighted kernel sum (in blocks of rows, as ``first_layer_products``: 37 ms against 61 ms).
 
-  Non-finite inputs count as zero: a client that reads one is rejected, so its rows of ``buf`` are
-  zero, and ``inf * 0`` must not turn the whole sum into NaN (XLA fuses the select into the
-  transpose the product needs anyway).
+  ``x`` must be finite: a rejected client's rows of ``buf`` are zero, and ``inf * 0`` would turn the
+  whole sum into NaN (``fedavg.device_train_data`` checks the rows once; selecting non-finite
+  entries away every round cost ~8% of a round).
   """
-  x = x.reshape(x.shape[0], -1).astype(buf.dtype)
-  return jnp.where(jnp.isfinite(x), x, 0.0).T @ buf
+  x = x.reshape(x.shape[0], -1)
+  rows = buf.shape[0]
+  if rows > x.shape[0]:
+    raise ValueError(f"buf has {rows} rows, x only {x.shape[0]}")
+  block = block or PRODUCT_BLOCK_ROWS
+  n, rem = divmod(rows, block)
 
+  def body(i, acc):
+    xb = jax.lax.dynamic_slice_in_dim(x, i * block, block).astype(buf.dtype)
+    return acc + xb.T @ jax.lax.dynamic_slice_in_dim(buf, i * block, block)
 
-def dense_delta(chain: DenseChain, factors) -> Params:
-  """Returns one client's dense delta from its (unstacked) factors (for tests and inspection)."""
-  return {name: {"kernel": jnp.einsum("ksi,kso->io", h, u), "bias": db}
-          for name, (h, u, db) in zip(chain.layers, factors)}
+  acc = jnp.zeros((x.shape[1], buf.shape[1]), buf.dtype)
+  if n:
+    acc = jax.lax.fori_loop(0, n, body, acc)
+  if rem:
+    acc = acc + x[n * block:rows].astype(buf.dtype).T @ buf[n * block:]
+  return acc

@@ -353,15 +353,16 @@ def test_simulation_builds_the_gram_table_for_its_lowrank_round():
 
 def test_local_train_from_products_equals_from_inputs():
   """``xw`` (the first layer's x W) and ``gram_x`` instead of the inputs: the same factors, no H."""
-  model = models.get_model("mlp", 3, (7,), hidden=(16, 8))
+  model = models.get_model("mlp", 3, (7,), hidden=(6, 4))
   chain = lowrank.dense_chain(model)
   params = model.init(jax.random.key(0))
+  train = jax.jit(lambda xs, ys, m, xw=None, g=None: lowrank.local_train(
+      chain, params, xs, ys, m, learning_rate=0.3, momentum=0.5, prox_mu=0.2, xw=xw, gram_x=g))
   for k in (3, lowrank.MAX_STEPS + 2):  # unrolled and rolled
     xs, ys, mask = _client_batch(k=k)
     x = xs.reshape(-1, 7)
-    ref, ref_aux = lowrank.local_train(chain, params, xs, ys, mask, learning_rate=0.3, momentum=0.5, prox_mu=0.2)
-    got, aux = lowrank.local_train(chain, params, None, ys, mask, learning_rate=0.3, momentum=0.5, prox_mu=0.2,
-                                   xw=xs @ params["body_0"]["kernel"], gram_x=x @ x.T)
+    ref, ref_aux = train(xs, ys, mask)
+    got, aux = train(None, ys, mask, xs @ params["body_0"]["kernel"], x @ x.T)
     assert got[0][0] is None
     for (h_r, u_r, b_r), (h, u, b) in zip(ref, got):
       np.testing.assert_allclose(u, u_r, atol=1e-6)
@@ -379,27 +380,33 @@ def test_local_train_from_products_equals_from_inputs():
 
 def test_scattered_first_layer_equals_weighted_sum():
   """U scattered at the examples' rows, then x^T buf, equals sum_c w_c H_c^T U_c: repeated rows (an
-  example in two steps) add up, rows past the buffer (masked slots) are dropped, and a non-finite
-  input row whose buffer row is zero leaves the sum finite."""
+  example in two steps) add up, rows past the buffer (masked slots) are dropped."""
   model = models.get_model("mlp", 3, (7,), hidden=(5,))
   chain = lowrank.dense_chain(model)
   params = model.init(jax.random.key(1))
   rng = np.random.default_rng(0)
-  data = rng.normal(size=(20, 7)).astype(np.float32)
+  data = rng.normal(size=(18, 7)).astype(np.float32)
   k, b = 4, 3
   rows = np.stack([rng.integers(0, 6, (k, b)) + 6 * c for c in range(3)])  # 3 clients, rows repeat
-  rows[0, 3] = 20  # masked slots point past the buffer
-  mask = rows < 20
+  rows[0, 3] = 18  # masked slots point past the buffer
+  mask = rows < 18
   train = jax.jit(lambda xs, ys, m: lowrank.local_train(chain, params, xs, ys, m, learning_rate=0.2))
   ys = rng.integers(0, 3, (k, b))
-  factors = [train(jnp.asarray(data[np.minimum(r, 19)]), ys, mask[c])[0] for c, r in enumerate(rows)]
+  factors = [train(jnp.asarray(data[np.minimum(r, 17)]), ys, mask[c])[0] for c, r in enumerate(rows)]
   stacked = jax.tree.map(lambda *a: jnp.stack(a), *factors)
   w = jnp.array([2.0, 0.5, 1.0])
   expected = lowrank.weighted_sum(chain, stacked, w)["body_0"]["kernel"]
-  buf = lowrank.scatter_first_layer(jnp.zeros((20, 5)), jnp.asarray(rows), stacked[0][1], w)
-  np.testing.assert_allclose(lowrank.first_layer_delta(jnp.asarray(data), buf), expected, atol=1e-5)
-  data[19, 2] = np.inf  # a row no client trains on (its buffer row is zero)
-  np.testing.assert_allclose(lowrank.first_layer_delta(jnp.asarray(data), buf), expected, atol=1e-5)
+  buf = lowrank.scatter_first_layer(jnp.zeros((18, 5)), jnp.asarray(rows), stacked[0][1], w)
+  padded = np.concatenate([data, np.ones((3, 7), np.float32)])  # rows past the buffer's are not read
+  for block in (None, 4, 7, 18):  # one partial block; full blocks and a rest; full blocks only
+    np.testing.assert_allclose(lowrank.first_layer_delta(jnp.asarray(padded), buf, block), expected, atol=1e-5)
+    for n in (18, 5, 0):
+      np.testing.assert_allclose(lowrank.first_layer_products(jnp.asarray(padded), params["body_0"]["kernel"], n, block),
+                                 padded[:n] @ params["body_0"]["kernel"], atol=1e-5)
+  with pytest.raises(ValueError, match="rows must be in"):
+    lowrank.first_layer_products(jnp.asarray(padded), params["body_0"]["kernel"], 22)
+  with pytest.raises(ValueError, match="buf has 18 rows, x only 5"):
+    lowrank.first_layer_delta(jnp.asarray(padded[:5]), buf)
   no_kernel = lowrank.weighted_sum(chain, ((None, stacked[0][1], stacked[0][2]),) + tuple(stacked[1:]), w)
   assert "kernel" not in no_kernel["body_0"] and "kernel" in no_kernel["head"]
 
@@ -414,14 +421,17 @@ def _mixed_data(sizes=(1, 2, 3, 4, 6, 8, 13, 0, 30, 2, 40, 5, 7, 1), dim=64, poi
   return from_client_arrays(arrays)
 
 
-def _mixed_run(ds, products, *, fast_path="auto", epochs=1, cohort=None, momentum=0.0, prox_mu=0.0, rounds=2):
+def _mixed_run(ds, products, *, fast_path="auto", epochs=1, cohort=None, momentum=0.0, prox_mu=0.0, rounds=2,
+               trace_only=False, lr=0.1):
   model = models.get_model("mlp", 3, (ds.x.shape[1],), hidden=(32,))
   plan = BatchPlanSpec.create(ds.client_sizes, 4, num_epochs=epochs)
   alg = fa.fedavg(model, num_clients=ds.num_clients, cohort_size=cohort or ds.num_clients, plan=plan,
-                  client_opt=client_lib.sgd(0.1, momentum), prox_mu=prox_mu, fast_path=fast_path,
+                  client_opt=client_lib.sgd(lr, momentum), prox_mu=prox_mu, fast_path=fast_path,
                   first_layer_products=products, lowrank_width=3)
   state = alg.init(model.init(jax.random.key(0)))
   train = fa.device_train_data(ds, alg.gram_rows)
+  if trace_only:
+    return jax.eval_shape(alg.round_fn, state, train, jax.random.key(0)), alg
   round_fn = jax.jit(alg.round_fn)
   history = []
   for r in range(rounds):
@@ -430,11 +440,12 @@ def _mixed_run(ds, products, *, fast_path="auto", epochs=1, cohort=None, momentu
   return (state, history), alg
 
 
-@pytest.mark.parametrize("setting", [dict(), dict(epochs=2, momentum=0.5, prox_mu=0.3), dict(cohort=9)])
+@pytest.mark.parametrize("setting", [dict(), dict(epochs=2, momentum=0.5, prox_mu=0.3, cohort=9)])
 def test_round_with_first_layer_products_equals_per_chunk_and_dense(setting, monkeypatch):
   """Products once per round (narrow, 1- and 2-step low-rank buckets beside dense clients; examples
   repeated over 2 epochs; a partial cohort) equal the per-chunk products and dense training."""
   ds = _mixed_data()
+  monkeypatch.setattr(lowrank, "PRODUCT_BLOCK_ROWS", 8)  # the products' and the sum's loops over row blocks
   calls = []
   scatter = lowrank.scatter_first_layer
   monkeypatch.setattr(lowrank, "scatter_first_layer", lambda *a: calls.append(1) or scatter(*a))
@@ -445,13 +456,23 @@ def test_round_with_first_layer_products_equals_per_chunk_and_dense(setting, mon
   per_chunk, _ = _mixed_run(ds, False, **setting)
   assert not calls
   _assert_same_rounds(with_products, per_chunk)
-  _assert_same_rounds(with_products, _mixed_run(ds, None, fast_path="off", **setting)[0])
+  if not setting:
+    _assert_same_rounds(with_products, _mixed_run(ds, None, fast_path="off")[0])
 
 
-def test_round_with_first_layer_products_rejects_a_non_finite_client():
+def test_round_with_first_layer_products_rejects_a_non_finite_client(monkeypatch):
+  """A non-finite input in the table's rows: device_train_data leaves FINITE_TABLE_INPUTS out, so the
+  round forms the products per chunk (whose rejected clients' factors are selected away) and rejects
+  the client like the plain path; forcing the round-wide products over it would make the sum NaN."""
   ds = _mixed_data(poison=2)  # a 3-example client (low-rank, covered by the table) reads an inf input
+  assert fa.FINITE_TABLE_INPUTS in fa.device_train_data(_mixed_data(), 8)
+  assert fa.FINITE_TABLE_INPUTS not in fa.device_train_data(ds, 8)
+  calls = []
+  products = lowrank.first_layer_products
+  monkeypatch.setattr(lowrank, "first_layer_products", lambda *a: calls.append(1) or products(*a))
   with_products, _ = _mixed_run(ds, True)
-  _assert_same_rounds(with_products, _mixed_run(ds, False)[0])
+  assert not calls
+  _assert_same_rounds(with_products, _mixed_run(ds, None, fast_path="off")[0])
   assert int(with_products[1][0]["num_nonfinite"]) == 1
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(with_products[0].params))
 
@@ -500,8 +521,18 @@ def test_first_layer_products_automatic_with_most_clients_in_the_cohort(monkeypa
   calls = []
   products = lowrank.first_layer_products
   monkeypatch.setattr(lowrank, "first_layer_products", lambda *a: calls.append(1) or products(*a))
-  _mixed_run(ds, None, cohort=11, rounds=1)  # >= FIRST_LAYER_MIN_COHORT (0.75) of the clients
+  _mixed_run(ds, None, cohort=11, trace_only=True)  # >= FIRST_LAYER_MIN_COHORT (0.75) of the clients
   assert calls
   calls.clear()
-  _mixed_run(ds, None, cohort=10, rounds=1)
+  _mixed_run(ds, None, cohort=10, trace_only=True)
   assert not calls
+
+
+def test_round_with_first_layer_products_rejects_diverging_clients():
+  """Finite inputs, a learning rate that overflows the clients' updates: every client is rejected and
+  the round-wide buffer stays finite (a rejected client's NaN U is not scattered, even at weight 0)."""
+  ds = _mixed_data()
+  (state, history), _ = _mixed_run(ds, True, epochs=2, lr=1e30, rounds=1)
+  assert int(history[0]["num_nonfinite"]) == int(np.sum(np.asarray(ds.client_sizes) > 0))
+  model = models.get_model("mlp", 3, (ds.x.shape[1],), hidden=(32,))
+  jax.tree.map(np.testing.assert_array_equal, state.params, model.init(jax.random.key(0)))

@@ -369,9 +369,8 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
       ((total, stats), buf), small = step_buckets.bucketed_map_sum(
           buckets, per_client, lengths, widths=widths, extra=jnp.zeros_like(products))
       first = chain.layers[0]
-      x = shared[1]["x"][:products.shape[0]]
-      total = {**total, first: {**total[first],
-                                "kernel": total[first]["kernel"] + lowrank_lib.first_layer_delta(x, buf)}}
+      total = {**total, first: {**total[first], "kernel": total[first]["kernel"]
+                                + lowrank_lib.first_layer_delta(shared[1]["x"], buf)}}
       return (total, stats), small
     return step_buckets.bucketed_map_sum_sharded(lambda sh: make_buckets(sh, num_steps, batch, stacked), shared,
                                                  per_client, lengths, mesh, stacked, widths)
@@ -397,11 +396,13 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
       raise ValueError(f"train['gram'] has {gram.shape[0]} rows, more than the arrays' {rows}: build it with "
                        "device_train_data from the same dataset")
     products = None
-    if round_products and gram is not None and "x" in train["arrays"]:
+    # Only over inputs device_train_data found finite: a rejected client's zero rows of the U buffer
+    # times an inf input would make the kernel's sum NaN (lowrank.first_layer_delta).
+    if round_products and gram is not None and "x" in train["arrays"] and FINITE_TABLE_INPUTS in train:
       kernel = state.params[chain.layers[0]]["kernel"]
       # The products and the U buffer ([rows, d_out] each) within the inputs' memory or the budget.
       if 2 * gram.shape[0] * kernel.shape[1] * 4 <= max(GRAM_TABLE_BUDGET, gram.shape[0] * kernel.shape[0] * 4):
-        products = lowrank_lib.first_layer_products(train["arrays"]["x"][:gram.shape[0]], kernel)
+        products = lowrank_lib.first_layer_products(train["arrays"]["x"], kernel, gram.shape[0])
     shared = (state.params, train["arrays"], gram, products)
     if streaming:
       agg, aux, norms, info = _streaming_aggregate(shared, per_client, k_agg)
@@ -447,6 +448,9 @@ MIN_LOWRANK_CHUNK = 8  # clients per low-rank chunk below which the several-buck
 # per round when the cohort holds at least this share of the clients: per chunk, the products run over
 # the cohort's share of those rows times ~1.4 (the padded slots of the sigma 1 and 1.5 populations).
 FIRST_LAYER_MIN_COHORT = 0.75
+# device_train_data's key saying the table's rows of x are finite (checked once): the round's
+# first-layer products need it (fedavg(first_layer_products=...)); its presence is what counts.
+FINITE_TABLE_INPUTS = "gram_inputs_finite"
 
 
 def _use_lowrank(fast_path: str, chain, model, shapes, plan: BatchPlanSpec, **setting) -> bool:
@@ -484,7 +488,8 @@ def device_train_data(dataset, gram_rows: int = 0) -> dict:
   input Gram matrices up instead of forming them every round (the same values up to float rounding).
   The clients the table covers (at most ``gram_rows`` examples) then come first in the arrays (each
   client's rows contiguous and in order, ``offsets`` following), so the table is ``[R, gram_rows]``
-  for their R rows, and so are the round's first-layer products (``fedavg(first_layer_products=)``).
+  for their R rows, and so are the round's first-layer products (``fedavg(first_layer_products=)``),
+  which also need ``FINITE_TABLE_INPUTS`` (added when those rows' inputs are all finite).
   The table is left out, and rounds form the products, when it would take more
   than ``GRAM_TABLE_BUDGET`` bytes and more than half the inputs' memory: few input features and
   wide hidden layers let the low-rank path take many rows per client (e.g. 4 inputs, 126 rows).
@@ -518,6 +523,7 @@ def device_train_data(dataset, gram_rows: int = 0) -> dict:
       covered = int(np.sum(sizes[small]))
       bounds = np.append(0, np.cumsum(sizes[small]))  # the covered clients, now rows [0, covered)
       table = lowrank_lib.gram_table(np.asarray(arrays["x"])[:covered], bounds, int(gram_rows))
+      finite = bool(np.all(np.isfinite(np.asarray(arrays["x"])[:covered])))
   out = {
       "arrays": {k: jnp.asarray(v) for k, v in arrays.items()},
       "offsets": jnp.asarray(offsets, jnp.int32),
@@ -525,4 +531,6 @@ def device_train_data(dataset, gram_rows: int = 0) -> dict:
   }
   if table is not None:
     out["gram"] = jnp.asarray(table)
+    if finite:  # a key, so the round knows it when it traces
+      out[FINITE_TABLE_INPUTS] = jnp.ones((), jnp.bool_)
   return out
