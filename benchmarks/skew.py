@@ -9,8 +9,8 @@ the same process, median over ``--repeats`` rounds after warm-up (compile exclud
   python_loop        a Python loop over clients, one jitted local_train per client on its own steps
   dense / lowrank    our round, step buckets (each client costs its own steps), dense or default path
   lowrank_no_gram    the default path without the input Gram table (its Gram matrices formed every round)
-  lowrank_full_batch the default path without narrow one-step buckets (every one-step client pays the
-                     whole batch's slots)
+  lowrank_chunk_products  the default path forming the first layer's products per chunk of clients
+                     over their padded slots, not once per round over the dataset's rows
   dense_padded       our round with the padded plan (``step_buckets="none"``: every client runs the
                      largest client's steps; the engine before step buckets)
 
@@ -53,12 +53,12 @@ JSON = os.path.join(ROOT, "docs", "perf_skew.json")
 PNG = os.path.join(ROOT, "docs", "img", "perf_skew.png")
 # (workload, skew, cohort, baselines): the sweep that fits ~20 minutes on an idle 2-core CPU.
 DEFAULT_POINTS = (  # most important first: the JSON is rewritten after every point
-    ("mlp", "lognormal:1", 1000, "central,loop,lowrank,lowrank_full_batch,lowrank_no_gram,dense,dense_static,"
+    ("mlp", "lognormal:1", 1000, "central,loop,lowrank,lowrank_chunk_products,lowrank_no_gram,dense,dense_static,"
                                  "dense_padded"),
     ("mlp", "lognormal:0", 1000, "central,loop,lowrank,lowrank_no_gram,dense,dense_padded"),
-    ("mlp", "lognormal:1.5", 1000, "central,loop,lowrank,lowrank_full_batch,lowrank_no_gram,dense,dense_static"),
-    ("mlp", "power_law:1.5", 1000, "central,loop,lowrank,lowrank_full_batch,lowrank_no_gram,dense,dense_static"),
-    ("mlp", "lognormal:0.5", 1000, "central,lowrank,lowrank_full_batch,dense"),
+    ("mlp", "lognormal:1.5", 1000, "central,loop,lowrank,lowrank_chunk_products,lowrank_no_gram,dense,dense_static"),
+    ("mlp", "power_law:1.5", 1000, "central,loop,lowrank,lowrank_chunk_products,lowrank_no_gram,dense,dense_static"),
+    ("mlp", "lognormal:0.5", 1000, "central,lowrank,lowrank_chunk_products,dense"),
     ("mlp25", "lognormal:0", 1000, "central,lowrank,dense"),
     ("mlp", "lognormal:1", 10000, "central,lowrank,dense"),
     ("mlp", "lognormal:1", 100, "central,loop,lowrank,dense"),
@@ -88,13 +88,13 @@ def _interleaved_medians(fns: dict, repeats: int) -> dict:
   return {k: statistics.median(v) for k, v in times.items()}
 
 
-ENGINES = {  # name: (fast_path, step_buckets, input Gram table, narrow one-step buckets)
-    "lowrank": ("auto", "pow2", True, True),  # the default path: low-rank short buckets, dense long clients
-    "lowrank_full_batch": ("auto", "pow2", True, False),  # the default path, one-step clients at full batch
-    "lowrank_no_gram": ("auto", "pow2", False, True),  # the default path forming its Gram matrices every round
-    "dense": ("off", "pow2", True, True),  # every client dense, one at a time, exactly its own steps
-    "dense_static": ("off", "pow2_static", True, True),  # dense, padded to its power-of-two bucket
-    "dense_padded": ("off", "none", True, True),  # dense, padded to the largest client (the engine before buckets)
+ENGINES = {  # name: (fast_path, step_buckets, input Gram table, first layer's products once per round)
+    "lowrank": ("auto", "pow2", True, None),  # the default path: low-rank short buckets, dense long clients
+    "lowrank_chunk_products": ("auto", "pow2", True, False),  # the default path, first layer per chunk
+    "lowrank_no_gram": ("auto", "pow2", False, None),  # the default path forming its Gram matrices every round
+    "dense": ("off", "pow2", True, None),  # every client dense, one at a time, exactly its own steps
+    "dense_static": ("off", "pow2_static", True, None),  # dense, padded to its power-of-two bucket
+    "dense_padded": ("off", "none", True, None),  # dense, padded to the largest client (the engine before buckets)
 }
 
 
@@ -129,11 +129,11 @@ def measure(workload: str, skew: str, cohort: int, which: str, repeats: int, pea
   if "loop" in items:
     fns["python_loop"] = make_python_loop(model, ds, plan)
     jax.block_until_ready(fns["python_loop"]())
-  for name, (fast_path, buckets, gram, narrow) in ENGINES.items():
+  for name, (fast_path, buckets, gram, products) in ENGINES.items():
     if name in items:
       p = dataclasses.replace(plan, step_buckets=buckets)
       fns[name], row["first_call_s"][name], path = make_engine_round(model, ds, p, 1, fast_path=fast_path,
-                                                                     gram_table=gram, narrow_buckets=narrow)
+                                                                     gram_table=gram, first_layer_products=products)
       row.setdefault("paths", {})[name] = path
   medians = _interleaved_medians(fns, repeats)
   row["round_ms"] = {k: 1e3 * v for k, v in medians.items()}

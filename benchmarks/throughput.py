@@ -83,17 +83,18 @@ def bench_engine(model, ds, plan, width, repeats, lr=0.1, unroll=1, fast_path="o
 
 
 def make_engine_round(model, ds, plan, width=1, lr=0.1, unroll=1, fast_path="off", lowrank_width=None,
-                      gram_table=True, narrow_buckets=True, first_layer_products=None):
+                      gram_table=True, narrow_buckets=True, first_layer_products=None, cohort_size=None):
   """Returns (one round as a zero-argument function, first call's time incl. compile, path).
 
   ``gram_table``: give the round the precomputed input Gram table (``device_train_data(ds,
   alg.gram_rows)``, as simulations do); False forms the Gram matrices every round.
+  ``cohort_size``: clients per round (default every client).
   ``first_layer_products``: passed to ``fedavg`` (None: its automatic choice; False: the first layer's
   products per chunk, as before the round-wide GEMMs).
   ``narrow_buckets``: False compiles the round without the low-rank path's narrow one-step buckets
   (``fedavg.NARROW_DIVISORS = ()`` while it compiles): every one-step client pays the whole batch.
   """
-  alg = fa.fedavg(model, num_clients=ds.num_clients, cohort_size=ds.num_clients, plan=plan,
+  alg = fa.fedavg(model, num_clients=ds.num_clients, cohort_size=cohort_size or ds.num_clients, plan=plan,
                   client_opt=client_lib.sgd(lr), clients_per_step=width, unroll=unroll, map_unroll=unroll,
                   fast_path=fast_path, lowrank_width=lowrank_width, first_layer_products=first_layer_products)
   state = alg.init(model.init(jax.random.key(0)))

@@ -439,3 +439,9 @@ def first_layer_delta(x: jax.Array, buf: jax.Array, block: int | None = None) ->
   if rem:
     acc = acc + x[n * block:rows].astype(buf.dtype).T @ buf[n * block:]
   return acc
+
+
+def dense_delta(chain: DenseChain, factors) -> Params:
+  """Returns one client's dense delta from its (unstacked) factors (for tests and inspection)."""
+  return {name: {"kernel": jnp.einsum("ksi,kso->io", h, u), "bias": db}
+          for name, (h, u, db) in zip(chain.layers, factors)}

@@ -506,7 +506,9 @@ def device_train_data(dataset, gram_rows: int = 0) -> dict:
     x = np.asarray(arrays["x"])
     small = sizes <= gram_rows
     table_bytes = int(np.sum(sizes[small])) * int(gram_rows) * max(x.dtype.itemsize, 4)
-    if table_bytes > max(GRAM_TABLE_BUDGET, x.nbytes / 2):
+    if not np.any(sizes[small]):
+      pass  # no example of a client the table would cover: rounds never read it
+    elif table_bytes > max(GRAM_TABLE_BUDGET, x.nbytes / 2):
       logging.getLogger(__name__).info(
           "device_train_data: no input Gram table (%d MB for %d rows x %d; inputs %d MB): rounds form the products",
           table_bytes >> 20, int(np.sum(sizes[small])), gram_rows, x.nbytes >> 20)
