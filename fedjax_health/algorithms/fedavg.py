@@ -448,7 +448,7 @@ MIN_LOWRANK_CHUNK = 8  # clients per low-rank chunk below which the several-buck
 # per round when the cohort holds at least this share of the clients: per chunk, the products run over
 # the cohort's share of those rows times ~1.4 (the padded slots of the sigma 1 and 1.5 populations).
 # Measured (1,000 lognormal clients, sigma 1, 2-core CPU, 11 repeats, round-wide / per-chunk time):
-# cohort 1,000: 0.90; 750: 0.99; 500: 1.06 (/work/exp5/abcohort.py, make_engine_round(cohort_size=)).
+# cohort 1,000: 0.90; 750: 0.99; 500: 1.06 (a script like ``benchmarks.first_layer --cohorts``).
 FIRST_LAYER_MIN_COHORT = 0.75
 # device_train_data's key saying the table's rows of x are finite (checked once): the round's
 # first-layer products need it (fedavg(first_layer_products=...)); its presence is what counts.
