@@ -198,9 +198,16 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
                    and (unroll is False or (unroll is not True and unroll == 1)))
   lens = step_buckets.bucket_lengths(plan.num_steps, plan.step_buckets)
   paths = {"lowrank" if lowrank_at(n, plan.batch_size) else "plain" for n in lens}
-  # A client in an epoch plan's bucket of n steps holds at most n * batch examples, so the Gram table
-  # covers it; fixed-step and custom plans (plan_fn) put no such bound on a bucket's clients.
-  gram_rows = max([n * plan.batch_size for n in lens if lowrank_at(n, plan.batch_size, len(lens))]
+  def bucket_examples(steps: int, slots: int) -> int:
+    """The most examples a client of an epoch plan's bucket of ``steps x slots`` holds: it makes
+    ``num_epochs`` passes, ``ceil(n * num_epochs / batch)`` steps (n * num_epochs <= steps * slots)."""
+    return steps * slots // plan.num_epochs
+
+  # A client in an epoch plan's bucket holds at most bucket_examples of it, so the Gram table covers
+  # it; fixed-step and custom plans (plan_fn) put no such bound on a bucket's clients. With several
+  # epochs the table is narrower and covers fewer clients (5 epochs of 50 examples: none of them, all
+  # in the dense 25-step bucket, where the round-wide products would be formed for nobody).
+  gram_rows = max([bucket_examples(n, plan.batch_size) for n in lens if lowrank_at(n, plan.batch_size, len(lens))]
                   if plan.num_epochs is not None and plan_fn is None and streaming else [], default=0)
   # The first layer's products once per round over the table's rows (device_train_data puts the
   # clients it covers first), when most of those rows train: see FIRST_LAYER_MIN_COHORT.
@@ -257,8 +264,8 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
 
   def uses_table(gram, steps: int, slots: int) -> bool:
     """Whether a low-rank bucket of ``steps x slots`` reads the input Gram table: every client of it
-    fits in the table (epoch plans: a client of <= steps steps holds <= steps * batch examples)."""
-    return gram is not None and steps * slots <= min(gram.shape[1], gram_rows)
+    fits in the table (``bucket_examples``)."""
+    return gram is not None and bucket_examples(steps, slots) <= min(gram.shape[1], gram_rows)
 
   def lowrank_contribution_fn(shared, per_client, length=None, slots=None):
     params, arrays, gram, products = shared
