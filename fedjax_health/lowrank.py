@@ -17,6 +17,10 @@ with ``a`` and ``v`` coefficient vectors over the steps. A client never material
     once), plus a correction through ``b x kb`` Gram matrices;
   * FedAvg's weighted sum ``sum_c w_c dW_c = H_all^T (w a G)_all``: one GEMM per layer per chunk.
 
+With most of a population in the round, the first layer's ``x W`` and its weighted sum run once per
+round over the dataset's rows instead of per chunk over padded batch slots
+(``first_layer_products``, ``local_train(..., xw=)``, ``scatter_first_layer``, ``first_layer_delta``).
+
 The input Gram matrices ``x x^T`` depend on the data alone. ``gram_table`` computes every small
 client's once (``fedavg.device_train_data(ds, gram_rows)``) and ``slot_gram`` looks a client's slots
 up: the batched ``[k*b, d] x [d, k*b]`` products ran at ~25 GFLOP/s, a tenth of a skewed round.
