@@ -423,8 +423,8 @@ def _mixed_data(sizes=(1, 2, 3, 4, 6, 8, 13, 0, 30, 2, 40, 5, 7, 1), dim=64, poi
 
 
 def _mixed_run(ds, products, *, fast_path="auto", epochs=1, cohort=None, momentum=0.0, prox_mu=0.0, rounds=2,
-               trace_only=False, lr=0.1):
-  model = models.get_model("mlp", 3, (ds.x.shape[1],), hidden=(32,))
+               trace_only=False, lr=0.1, hidden=32):
+  model = models.get_model("mlp", 3, (ds.x.shape[1],), hidden=(hidden,))
   plan = BatchPlanSpec.create(ds.client_sizes, 4, num_epochs=epochs)
   alg = fa.fedavg(model, num_clients=ds.num_clients, cohort_size=cohort or ds.num_clients, plan=plan,
                   client_opt=client_lib.sgd(lr, momentum), prox_mu=prox_mu, fast_path=fast_path,
@@ -537,3 +537,19 @@ def test_round_with_first_layer_products_rejects_diverging_clients():
   assert int(history[0]["num_nonfinite"]) == int(np.sum(np.asarray(ds.client_sizes) > 0))
   model = models.get_model("mlp", 3, (ds.x.shape[1],), hidden=(32,))
   jax.tree.map(np.testing.assert_array_equal, state.params, model.init(jax.random.key(0)))
+
+
+def test_first_layer_products_left_out_past_their_memory_budget(monkeypatch):
+  """Products and U buffer larger than the table's rows of inputs and GRAM_TABLE_BUDGET: the round
+  forms the products per chunk (and trains the same)."""
+  ds = _mixed_data()  # 64 input features; a first layer of 40 units: 2 * 40 > 64
+  calls = []
+  products = lowrank.first_layer_products
+  monkeypatch.setattr(lowrank, "first_layer_products", lambda *a: calls.append(1) or products(*a))
+  _mixed_run(ds, True, hidden=40, trace_only=True)
+  assert calls  # within the budget (256 MB): formed
+  calls.clear()
+  monkeypatch.setattr(fa, "GRAM_TABLE_BUDGET", 0)
+  left_out, _ = _mixed_run(ds, True, hidden=40, rounds=1)
+  assert not calls
+  _assert_same_rounds(left_out, _mixed_run(ds, False, hidden=40, rounds=1)[0])
