@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 
-import jax
 import numpy as np
 
-from benchmarks.throughput import make_centralised, make_engine_round, skewed_dataset
+from benchmarks.throughput import interleaved_times, make_centralised, make_engine_round, skewed_dataset
 from fedjax_health import models
 from fedjax_health.data.federated import BatchPlanSpec
 
@@ -40,15 +38,8 @@ def measure(skew: str, cohort: int, repeats: int) -> dict:
   for name, products in (("per chunk", False), ("per round", True)):
     fns[name] = make_engine_round(model, ds, plan, 1, fast_path="auto", first_layer_products=products,
                                   cohort_size=cohort)[0]
-  for fn in fns.values():
-    jax.block_until_ready(fn())
-  times = {k: [] for k in fns}
-  for _ in range(repeats):
-    for k, fn in fns.items():
-      t = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[k].append(time.perf_counter() - t)
-  return {k: np.asarray(v) for k, v in times.items()}
+  interleaved_times(fns, 1)  # warm-up
+  return {k: np.asarray(v) for k, v in interleaved_times(fns, repeats).items()}
 
 
 def main(argv=None) -> None:

@@ -44,7 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.compare import matmul_peak_gflops
-from benchmarks.throughput import make_centralised, make_engine_round, make_python_loop, skewed_dataset
+from benchmarks.throughput import (interleaved_times, make_centralised, make_engine_round, make_python_loop,
+                                   skewed_dataset)
 from fedjax_health import models
 from fedjax_health.data.federated import BatchPlanSpec
 
@@ -79,13 +80,7 @@ def flops_per_example(model, example_x, example_y) -> float:
 def _interleaved_medians(fns: dict, repeats: int) -> dict:
   """Median seconds per function, timed round-robin (each repeat runs every function once), so a
   load change on a shared CPU hits every baseline alike (their ratios stay comparable)."""
-  times = {k: [] for k in fns}
-  for _ in range(repeats):
-    for k, fn in fns.items():
-      t = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[k].append(time.perf_counter() - t)
-  return {k: statistics.median(v) for k, v in times.items()}
+  return {k: statistics.median(v) for k, v in interleaved_times(fns, repeats).items()}
 
 
 ENGINES = {  # name: (fast_path, step_buckets, input Gram table, first layer's products once per round)

@@ -54,6 +54,18 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
   return statistics.median(times)
 
 
+def interleaved_times(fns: dict, repeats: int) -> dict:
+  """Seconds per call of each zero-argument function, ``repeats`` calls each, timed round-robin (each
+  repeat runs every function once), so a load change on a shared CPU hits every variant alike."""
+  times = {k: [] for k in fns}
+  for _ in range(repeats):
+    for k, fn in fns.items():
+      t = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[k].append(time.perf_counter() - t)
+  return times
+
+
 def skewed_dataset(num_clients: int, skew: str = "lognormal", sigma: float = 1.0, power: float = 1.5,
                    mean: int = 20, dim: int = 784, num_classes: int = 10, seed: int = 0):
   """W1-like data with heavy-tailed client sizes: ``num_clients * mean`` examples split by

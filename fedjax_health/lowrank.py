@@ -392,19 +392,25 @@ def first_layer_products(x: jax.Array, kernel: jax.Array, rows: int | None = Non
   rows = x.shape[0] if rows is None else rows
   if not 0 <= rows <= x.shape[0]:
     raise ValueError(f"rows must be in [0, {x.shape[0]}], got {rows}")
+
+  def step(out, start, size):
+    xb = jax.lax.dynamic_slice_in_dim(x, start, size).astype(kernel.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(out, xb @ kernel, start, 0)
+
+  return _fold_row_blocks(rows, block, jnp.zeros((rows, kernel.shape[1]), kernel.dtype), step)
+
+
+def _fold_row_blocks(rows: int, block: int | None, init, step):
+  """Returns ``step(acc, start, size)`` folded over rows ``[0, rows)``: full blocks of ``block`` rows
+  (default ``PRODUCT_BLOCK_ROWS``) in a ``fori_loop``, then the rest as one smaller block."""
   block = block or PRODUCT_BLOCK_ROWS
   n, rem = divmod(rows, block)
-
-  def body(i, out):
-    xb = jax.lax.dynamic_slice_in_dim(x, i * block, block).astype(kernel.dtype)
-    return jax.lax.dynamic_update_slice_in_dim(out, xb @ kernel, i * block, 0)
-
-  out = jnp.zeros((rows, kernel.shape[1]), kernel.dtype)
+  acc = init
   if n:
-    out = jax.lax.fori_loop(0, n, body, out)
+    acc = jax.lax.fori_loop(0, n, lambda i, a: step(a, i * block, block), acc)
   if rem:
-    out = jax.lax.dynamic_update_slice_in_dim(out, x[n * block:rows].astype(kernel.dtype) @ kernel, n * block, 0)
-  return out
+    acc = step(acc, n * block, rem)
+  return acc
 
 
 def scatter_first_layer(buf: jax.Array, rows: jax.Array, u: jax.Array, weights: jax.Array) -> jax.Array:
@@ -430,19 +436,12 @@ def first_layer_delta(x: jax.Array, buf: jax.Array, block: int | None = None) ->
   rows = buf.shape[0]
   if rows > x.shape[0]:
     raise ValueError(f"buf has {rows} rows, x only {x.shape[0]}")
-  block = block or PRODUCT_BLOCK_ROWS
-  n, rem = divmod(rows, block)
 
-  def body(i, acc):
-    xb = jax.lax.dynamic_slice_in_dim(x, i * block, block).astype(buf.dtype)
-    return acc + xb.T @ jax.lax.dynamic_slice_in_dim(buf, i * block, block)
+  def step(acc, start, size):
+    xb = jax.lax.dynamic_slice_in_dim(x, start, size).astype(buf.dtype)
+    return acc + xb.T @ jax.lax.dynamic_slice_in_dim(buf, start, size)
 
-  acc = jnp.zeros((x.shape[1], buf.shape[1]), buf.dtype)
-  if n:
-    acc = jax.lax.fori_loop(0, n, body, acc)
-  if rem:
-    acc = acc + x[n * block:rows].astype(buf.dtype).T @ buf[n * block:]
-  return acc
+  return _fold_row_blocks(rows, block, jnp.zeros((x.shape[1], buf.shape[1]), buf.dtype), step)
 
 
 def dense_delta(chain: DenseChain, factors) -> Params:
