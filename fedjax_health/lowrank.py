@@ -21,6 +21,10 @@ With most of a population in the round, the first layer's ``x W`` and its weight
 round over the dataset's rows instead of per chunk over padded batch slots
 (``first_layer_products``, ``local_train(..., xw=)``, ``scatter_first_layer``, ``first_layer_delta``).
 
+Clients too long for their factors to pay (``suitable`` is False) still train dense weights, but with
+plain SGD in blocks of ``DENSIFY_STEPS`` steps (``local_train_densified``): each block's factors are
+added to the weights once, instead of a pass over every weight per step.
+
 The input Gram matrices ``x x^T`` depend on the data alone. ``gram_table`` computes every small
 client's once (``fedavg.device_train_data(ds, gram_rows)``) and ``slot_gram`` looks a client's slots
 up: the batched ``[k*b, d] x [d, k*b]`` products ran at ~25 GFLOP/s, a tenth of a skewed round.
@@ -58,6 +62,7 @@ from fedjax_health import models as models_lib
 
 Params = Any
 PRODUCT_BLOCK_ROWS = 1024  # rows per block of first_layer_products / first_layer_delta (512-2048 ran alike)
+DENSIFY_STEPS = 4  # steps per block of local_train_densified (fedavg's long plain-SGD clients; 0: train them dense)
 MAX_STEPS = 4  # up to this many local steps are unrolled (compile time grows ~k^2); beyond, a rolled scan.
 # Measured (1,000 lognormal clients, sigma 1, 2-core CPU): the 3-4-step bucket unrolled ran the round
 # in 259 ms against 273 ms rolled, for ~1 s more compile.
@@ -444,7 +449,45 @@ def first_layer_delta(x: jax.Array, buf: jax.Array, block: int | None = None) ->
   return _fold_row_blocks(rows, block, jnp.zeros((x.shape[1], buf.shape[1]), buf.dtype), step)
 
 
+def local_train_densified(chain: DenseChain, params: Params, get_block: Callable, num_blocks: jax.Array, *,
+                          learning_rate: float) -> tuple[Params, dict]:
+  """Plain local SGD of a long client in blocks: each runs ``local_train`` from the weights the
+  earlier blocks reached and adds its factors to them (periodic densification).
+
+  A client whose factors would outgrow its dense weights (``suitable`` is False) otherwise trains
+  dense, one batch-``b`` step at a time: two ``b``-row GEMMs and a pass over every weight per step.
+  Here a block of ``k`` steps costs one ``k*b``-row GEMM against the block's weights, the ``b x kb``
+  Gram corrections, and one ``[d_in, k*b] x [k*b, d_out]`` GEMM added to the weights. Measured (one
+  client, 80 steps of 10, MLP 784-200-10, 2-core AVX-512 CPU, us per step): dense 227, blocks of 2:
+  169, of 4: 138, of 8 (rolled): 186, of 16: 230.
+
+  Args:
+    get_block: ``i -> (xs [k, b, ...], ys [k, b], mask [k, b])``, steps ``i*k .. i*k + k - 1`` of the
+      client's plan (masked past its last step).
+    num_blocks: blocks to run (a traced scalar: the loop's trip count).
+    learning_rate: of plain SGD (no momentum, no proximal term: their state would carry a dense
+      velocity or anchor distance across blocks, which the factors do not hold).
+  Returns (delta, aux): the client's change to ``params`` and ``loss`` (mean over active steps),
+  ``num_steps``, ``num_examples``, as ``client.local_train`` on the same steps.
+  """
+  def block(i, carry):
+    p, loss_sum, steps, examples = carry
+    xs, ys, mask = get_block(i)
+    factors, aux = local_train(chain, p, xs, ys, mask, learning_rate=learning_rate)
+    p = jax.tree.map(jnp.add, p, dense_delta(chain, factors))
+    # aux["loss"] is the mean over the block's active steps; times their count, their sum.
+    return (p, loss_sum + aux["loss"] * aux["num_steps"], steps + aux["num_steps"],
+            examples + aux["num_examples"])
+
+  dtype = jax.tree.leaves(params)[0].dtype
+  zero = jnp.zeros_like(num_blocks, dtype=dtype)
+  carry = (params, zero, jnp.zeros_like(num_blocks, dtype=jnp.int32), zero)
+  p, loss_sum, steps, examples = jax.lax.fori_loop(0, num_blocks, block, carry)
+  aux = {"loss": loss_sum / jnp.maximum(steps, 1).astype(dtype), "num_steps": steps, "num_examples": examples}
+  return jax.tree.map(jnp.subtract, p, params), aux
+
+
 def dense_delta(chain: DenseChain, factors) -> Params:
-  """Returns one client's dense delta from its (unstacked) factors (for tests and inspection)."""
+  """Returns one client's dense delta from its (unstacked) factors (``local_train_densified``'s blocks)."""
   return {name: {"kernel": jnp.einsum("ksi,kso->io", h, u), "bias": db}
           for name, (h, u, db) in zip(chain.layers, factors)}

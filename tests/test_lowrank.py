@@ -553,3 +553,53 @@ def test_first_layer_products_left_out_past_their_memory_budget(monkeypatch):
   left_out, _ = _mixed_run(ds, True, hidden=40, rounds=1)
   assert not calls
   _assert_same_rounds(left_out, _mixed_run(ds, False, hidden=40, rounds=1)[0])
+
+
+@pytest.mark.parametrize("name,kw,num_classes", MODELS)
+def test_densified_local_train_equals_dense_training(name, kw, num_classes):
+  """Blocks of k steps from the weights the earlier blocks reached (the last block part-masked; ragged
+  batches and an empty step) equal plain dense SGD; fewer blocks equal the dense run of their steps."""
+  model = models.get_model(name, num_classes, (7,), **kw)
+  chain = lowrank.dense_chain(model)
+  params = model.init(jax.random.key(0))
+  k, steps = 4, 11
+  xs, ys, mask = _client_batch(k=steps, num_classes=num_classes)
+  pad = lambda a: jnp.pad(a, ((0, -steps % k),) + ((0, 0),) * (a.ndim - 1)).reshape((-1, k) + a.shape[1:])
+  blocks = tuple(pad(a) for a in (xs, ys, mask))
+  train = jax.jit(lambda p, n: lowrank.local_train_densified(chain, p, lambda i: tuple(a[i] for a in blocks), n,
+                                                             learning_rate=0.3))
+  trainer = client_lib.ClientTrainer(client_lib.make_grad_fn(model.example_losses), optax.sgd(0.3))
+  for num_blocks, ref_steps in [(3, steps), (2, 2 * k)]:
+    delta, aux = train(params, jnp.asarray(num_blocks))
+    ref, ref_aux = client_lib.local_train(trainer, params, xs[:ref_steps], ys[:ref_steps], mask[:ref_steps],
+                                          jax.random.key(0))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), delta, ref)
+    np.testing.assert_allclose(aux["loss"], ref_aux["loss"], rtol=1e-5)
+    assert int(aux["num_steps"]) == int(ref_aux["num_steps"])
+    assert float(aux["num_examples"]) == float(ref_aux["num_examples"])
+  assert int(ref_aux["num_steps"]) == 7  # step 2 is empty: the loss is a mean over the active steps
+
+
+@pytest.mark.parametrize("setting", [dict(), dict(epochs=3, cohort=9, products=False)])
+def test_round_densifies_long_plain_sgd_clients(setting, monkeypatch):
+  """Long clients (too many steps for the factors) of plain local SGD train in densified blocks, and
+  the round equals dense training of them (DENSIFY_STEPS=0) and the dense path; with momentum or a
+  proximal term they train dense."""
+  ds = _mixed_data()
+  products = setting.pop("products", None)
+  calls = []
+  densified = lowrank.local_train_densified
+  monkeypatch.setattr(lowrank, "local_train_densified", lambda *a, **k: calls.append(1) or densified(*a, **k))
+  monkeypatch.setattr(lowrank, "DENSIFY_STEPS", 3)  # 30 and 40 examples of batch 4: part-masked last blocks
+  blocks, alg = _mixed_run(ds, products, **setting)
+  assert alg.path == "plain+lowrank" and calls
+  calls.clear()
+  monkeypatch.setattr(lowrank, "DENSIFY_STEPS", 0)
+  step_by_step, _ = _mixed_run(ds, products, **setting)
+  assert not calls
+  _assert_same_rounds(blocks, step_by_step)
+  _assert_same_rounds(blocks, _mixed_run(ds, None, fast_path="off", **setting)[0])
+  monkeypatch.setattr(lowrank, "DENSIFY_STEPS", 3)
+  for kw in (dict(momentum=0.5), dict(prox_mu=0.3)):
+    _mixed_run(ds, products, trace_only=True, **setting, **kw)
+    assert not calls, kw

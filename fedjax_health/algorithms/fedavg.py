@@ -133,7 +133,8 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
       (e.g. Poisson-sampled batches for DP-SGD).
     fast_path: "auto" takes the exact low-rank path (``lowrank.py``: shared-weight GEMMs, no
       per-client weights) when it applies, per step bucket (``plan.step_buckets``) where its factors
-      are small (``lowrank.suitable``), training longer clients dense; "lowrank" requires it for
+      are small (``lowrank.suitable``), training longer clients dense (with plain SGD, no proximal
+      term: in blocks of ``lowrank.DENSIFY_STEPS`` steps, ``lowrank.local_train_densified``); "lowrank" requires it for
       every bucket (error naming what prevents it); "off" always trains dense copies.
     lowrank_width: clients per chunk on the low-rank path (default ``lowrank.chunk_width`` of each
       bucket's length: ~8 MB of factors on CPU, ~512 MB on accelerators).
@@ -232,7 +233,28 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     batch = client_lib.gather_client_batches(arrays, offset, pos)
     return client_lib.local_train(trainer, params, batch["x"], batch["y"], mask, key, ctx, num_keys=num_keys)
 
+  # Long clients of plain local SGD on the low-rank path train in blocks of DENSIFY_STEPS steps, the
+  # weights materialised once per block (lowrank.local_train_densified), not once per dense step.
+  densify_steps = lowrank_lib.DENSIFY_STEPS if use_lowrank and client_opt.momentum == 0 and prox_mu == 0 else 0
+
+  def densified_client_fn(shared, per_client, length):
+    params, arrays = shared[:2]
+    offset, pos, mask = per_client[:3]
+    k, (n, b) = densify_steps, pos.shape
+    # The plan's steps padded (masked) to whole blocks; block i holds steps i*k .. i*k + k - 1.
+    pos, mask = (jnp.pad(a, ((0, -n % k), (0, 0))).reshape(-1, k, b) for a in (pos, mask))
+
+    def get_block(i):
+      batch = client_lib.gather_client_batches(arrays, offset, pos[i])
+      return batch["x"], batch["y"], mask[i]
+
+    num_blocks = (jnp.minimum(length, n) + k - 1) // k
+    return lowrank_lib.local_train_densified(chain, params, get_block, num_blocks,
+                                             learning_rate=client_opt.learning_rate)
+
   def dynamic_client_fn(shared, per_client, length):
+    if densify_steps:
+      return densified_client_fn(shared, per_client, length)
     params, arrays = shared[:2]
     offset, pos, mask, key, ctx, _ = per_client
 
