@@ -287,6 +287,10 @@ def test_auto_picks_lowrank_only_when_factors_are_small():
   # 25 steps of batch 10: buckets of <= 8 steps have small factors, the longer ones train dense
   long = BatchPlanSpec.create(np.array([1, 50, 20, 250]), 10, num_epochs=1)
   assert fa.fedavg(w1, plan=long, **args).path == "plain+lowrank"
+  chain, shapes = lowrank.dense_chain(w1), jax.eval_shape(w1.init, jax.random.key(0))
+  assert lowrank.factor_fraction(chain, shapes, 8, 10) == pytest.approx(0.6, abs=0.01)
+  assert lowrank.suitable(chain, shapes, 8, 10) and not lowrank.suitable(chain, shapes, 16, 10)
+  assert not lowrank.suitable(chain, shapes, 8, 10, max_fraction=0.5)
 
 
 def _dp_run(aggregator, fast_path):
