@@ -11,6 +11,8 @@ the same process, median over ``--repeats`` rounds after warm-up (compile exclud
   lowrank_no_gram    the default path without the input Gram table (its Gram matrices formed every round)
   lowrank_chunk_products  the default path forming the first layer's products per chunk of clients
                      over their padded slots, not once per round over the dataset's rows
+  lowrank_step_by_step  the default path training its long clients dense step by step, not in
+                     densified blocks (``lowrank.DENSIFY_STEPS = 0``)
   dense_padded       our round with the padded plan (``step_buckets="none"``: every client runs the
                      largest client's steps; the engine before step buckets)
 
@@ -57,10 +59,12 @@ DEFAULT_POINTS = (  # most important first: the JSON is rewritten after every po
     ("mlp", "lognormal:1", 1000, "central,loop,lowrank,lowrank_chunk_products,lowrank_no_gram,dense,dense_static,"
                                  "dense_padded"),
     ("mlp", "lognormal:0", 1000, "central,loop,lowrank,lowrank_no_gram,dense,dense_padded"),
-    ("mlp", "lognormal:1.5", 1000, "central,loop,lowrank,lowrank_chunk_products,lowrank_no_gram,dense,dense_static"),
-    ("mlp", "power_law:1.5", 1000, "central,loop,lowrank,lowrank_chunk_products,lowrank_no_gram,dense,dense_static"),
+    ("mlp", "lognormal:1.5", 1000, "central,loop,lowrank,lowrank_chunk_products,lowrank_no_gram,lowrank_step_by_step,"
+                                   "dense,dense_static"),
+    ("mlp", "power_law:1.5", 1000, "central,loop,lowrank,lowrank_chunk_products,lowrank_no_gram,lowrank_step_by_step,"
+                                   "dense,dense_static"),
     ("mlp", "lognormal:0.5", 1000, "central,lowrank,lowrank_chunk_products,dense"),
-    ("mlp25", "lognormal:0", 1000, "central,lowrank,dense"),
+    ("mlp25", "lognormal:0", 1000, "central,lowrank,lowrank_step_by_step,dense"),
     ("mlp", "lognormal:1", 10000, "central,lowrank,dense"),
     ("mlp", "lognormal:1", 100, "central,loop,lowrank,dense"),
     ("cnn", "lognormal:1", 100, "central,loop,dense,dense_static,dense_padded"),
@@ -83,13 +87,15 @@ def _interleaved_medians(fns: dict, repeats: int) -> dict:
   return {k: statistics.median(v) for k, v in interleaved_times(fns, repeats).items()}
 
 
-ENGINES = {  # name: (fast_path, step_buckets, input Gram table, first layer's products once per round)
-    "lowrank": ("auto", "pow2", True, None),  # the default path: low-rank short buckets, dense long clients
-    "lowrank_chunk_products": ("auto", "pow2", True, False),  # the default path, first layer per chunk
-    "lowrank_no_gram": ("auto", "pow2", False, None),  # the default path forming its Gram matrices every round
-    "dense": ("off", "pow2", True, None),  # every client dense, one at a time, exactly its own steps
-    "dense_static": ("off", "pow2_static", True, None),  # dense, padded to its power-of-two bucket
-    "dense_padded": ("off", "none", True, None),  # dense, padded to the largest client (the engine before buckets)
+ENGINES = {  # name: (fast_path, step_buckets, input Gram table, first layer's products once per round,
+    #               lowrank.DENSIFY_STEPS (None: default))
+    "lowrank": ("auto", "pow2", True, None, None),  # the default path: low-rank short buckets, long clients dense
+    "lowrank_chunk_products": ("auto", "pow2", True, False, None),  # the default path, first layer per chunk
+    "lowrank_no_gram": ("auto", "pow2", False, None, None),  # the default path forming its Gram matrices every round
+    "lowrank_step_by_step": ("auto", "pow2", True, None, 0),  # the default path, long clients not in densified blocks
+    "dense": ("off", "pow2", True, None, None),  # every client dense, one at a time, exactly its own steps
+    "dense_static": ("off", "pow2_static", True, None, None),  # dense, padded to its power-of-two bucket
+    "dense_padded": ("off", "none", True, None, None),  # dense, padded to the largest client (the engine before buckets)
 }
 
 
@@ -124,11 +130,12 @@ def measure(workload: str, skew: str, cohort: int, which: str, repeats: int, pea
   if "loop" in items:
     fns["python_loop"] = make_python_loop(model, ds, plan)
     jax.block_until_ready(fns["python_loop"]())
-  for name, (fast_path, buckets, gram, products) in ENGINES.items():
+  for name, (fast_path, buckets, gram, products, densify) in ENGINES.items():
     if name in items:
       p = dataclasses.replace(plan, step_buckets=buckets)
       fns[name], row["first_call_s"][name], path = make_engine_round(model, ds, p, 1, fast_path=fast_path,
-                                                                     gram_table=gram, first_layer_products=products)
+                                                                     gram_table=gram, first_layer_products=products,
+                                                                     densify_steps=densify)
       row.setdefault("paths", {})[name] = path
   medians = _interleaved_medians(fns, repeats)
   row["round_ms"] = {k: 1e3 * v for k, v in medians.items()}

@@ -88,10 +88,10 @@ def render_skew() -> str:
            "",
            "| workload | sizes | clients | largest | real / padded steps | centralised (ms) | engine, default path "
            "(ms, x limit) | default path, first layer per chunk (x limit) | default path, Gram per round "
-           "(x limit) | dense, own steps (x limit) | dense, pow2 "
+           "(x limit) | default path, long clients step by step (x limit) | dense, own steps (x limit) | dense, pow2 "
            "buckets (x limit) | dense, padded plan (x limit) | Python loop (x limit) | speed-up vs loop | GFLOP/s "
            "(% of GEMM peak) |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rep["points"]:
     ms = r["round_ms"]
     c = ms.get("centralised")
@@ -107,7 +107,8 @@ def render_skew() -> str:
     path = r.get("paths", {}).get(best, best)
     lines.append(f"| {r['workload']} | {sizes} | {r['cohort']:,} | {r['largest_client']} | "
                  f"{r['real_steps']:,} / {r['padded_steps'] * r['cohort']:,} | {c:,.0f} | "
-                 f"{ms[best]:,.0f} ({x(best)}, {path}) | {x('lowrank_chunk_products')} | {x('lowrank_no_gram')} | {x('dense')} | "
+                 f"{ms[best]:,.0f} ({x(best)}, {path}) | {x('lowrank_chunk_products')} | {x('lowrank_no_gram')} | "
+                 f"{x('lowrank_step_by_step')} | {x('dense')} | "
                  f"{x('dense_static')} | {x('dense_padded')} | "
                  f"{x('python_loop')} | "
                  f"{loop} | {r['gflops'][best]:.1f} ({100 * r['fraction_of_gemm_peak'][best]:.0f}%) |")
