@@ -46,8 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.compare import matmul_peak_gflops
-from benchmarks.throughput import (interleaved_times, make_centralised, make_engine_round, make_python_loop,
-                                   skewed_dataset)
+from benchmarks.throughput import (cpu_description, interleaved_times, make_centralised, make_engine_round,
+                                   make_python_loop, skewed_dataset)
 from fedjax_health import models
 from fedjax_health.data.federated import BatchPlanSpec
 
@@ -220,7 +220,7 @@ def main():
     raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
   points = DEFAULT_POINTS if not args.points else tuple(_parse_point(p) for p in args.points.split(";"))
   peak = matmul_peak_gflops()
-  report = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {jax.default_backend()}",
+  report = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {jax.default_backend()}", "cpu": cpu_description(),
             "date": time.strftime("%Y-%m-%d", time.gmtime()), "jax": jax.__version__, "repeats": args.repeats,
             "gemm_peak_gflops": peak, "points": []}
   from experiments import report as report_lib
@@ -232,7 +232,7 @@ def main():
     with open(JSON) as f:
       old = json.load(f)
     again = {(w, s, c) for w, s, c, _ in points}
-    run = {k: report[k] for k in ("commit", "command", "date", "gemm_peak_gflops", "repeats")}
+    run = {k: report[k] for k in ("commit", "command", "date", "gemm_peak_gflops", "repeats", "cpu")}
     report = dict(old, points=[r for r in old["points"] if (r["workload"], r["skew"], r["cohort"]) not in again])
   else:
     run = None

@@ -54,6 +54,21 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
   return statistics.median(times)
 
 
+def cpu_description() -> str:
+  """The CPU's model name and widest x86 vector extension (from /proc/cpuinfo; "unknown CPU" elsewhere):
+  ratios against the centralised limit moved with it (docs/performance.md)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+  except OSError:
+    return platform.processor() or "unknown CPU"
+  model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+               platform.processor() or "unknown CPU")
+  flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), ()))
+  vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+  return f"{model}, {vector}" if vector else model
+
+
 def interleaved_times(fns: dict, repeats: int) -> dict:
   """Seconds per call of each zero-argument function, ``repeats`` calls each, timed round-robin (each
   repeat runs every function once), so a load change on a shared CPU hits every variant alike."""

@@ -82,7 +82,8 @@ def render_skew() -> str:
   """The skew sweep's table (ratios measured round-robin in one process)."""
   with open(SKEW) as f:
     rep = json.load(f)
-  lines = [f"Measured {rep['date']} on {rep['machine']}, f32 GEMM peak {rep['gemm_peak_gflops']:.0f} "
+  cpu = f" ({rep['cpu']})" if "cpu" in rep else ""
+  lines = [f"Measured {rep['date']} on {rep['machine']}{cpu}, f32 GEMM peak {rep['gemm_peak_gflops']:.0f} "
            f"GFLOP/s; median of {rep['repeats']} rounds after warm-up; load average "
            f"{rep['load_min']:.1f}-{rep['load_max']:.1f} on {rep['machine'].split()[1]} cores, so compare ratios.",
            "",

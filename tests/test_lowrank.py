@@ -115,8 +115,10 @@ def _run(fast_path, ds, *, rounds=2, cohort=6, width=None, server="sgd", momentu
   assert alg.path == ("plain" if fast_path == "off" else "lowrank")
   state = alg.init(model.init(jax.random.key(0)))
   train = fa.device_train_data(ds, alg.gram_rows if gram else 0)
-  if corrupt_gram:
-    train["gram"] = train["gram"] * 1.5
+  if corrupt_gram:  # off the probed rows, whose diagonal entries every round checks
+    probed = np.zeros(train["gram"].shape[0], bool)
+    probed[np.asarray(train[fa.GRAM_PROBE][0])] = True
+    train["gram"] = jnp.where(probed[:, None], train["gram"], train["gram"] * 1.5)
   history = []
   for _ in range(rounds):
     state, metrics = round_fn(state, train, jax.random.key(3))
@@ -607,3 +609,31 @@ def test_round_densifies_long_plain_sgd_clients(setting, monkeypatch):
   for kw in (dict(momentum=0.5), dict(prox_mu=0.3)):
     _mixed_run(ds, products, trace_only=True, **setting, **kw)
     assert not calls, kw
+
+
+def test_round_checks_the_gram_table_against_its_inputs():
+  """A table that does not match the inputs the round reads (inputs normalised after
+  device_train_data, a corrupted table, no probe) is refused naming what is wrong; non-finite inputs
+  (whose client the round rejects) are not a mismatch."""
+  ds = _mixed_data()
+  (_, history), alg = _mixed_run(ds, None, rounds=1)
+  model = models.get_model("mlp", 3, (ds.x.shape[1],), hidden=(32,))
+  state = alg.init(model.init(jax.random.key(0)))
+  train = fa.device_train_data(ds, alg.gram_rows)
+  probe = np.asarray(train[fa.GRAM_PROBE])
+  covered = train["gram"].shape[0]
+  assert probe.shape[0] == 2 and probe[0, 0] == 0 and probe[0, -1] == covered - 1
+  x = np.asarray(train["arrays"]["x"])
+  np.testing.assert_allclose(np.asarray(train["gram"])[probe[0], probe[1]], np.sum(x[probe[0]] ** 2, 1), rtol=1e-5)
+  round_fn = jax.jit(alg.round_fn)
+  for name, change in [("x", lambda t: {**t, "arrays": {**t["arrays"], "x": t["arrays"]["x"] / 255.0}}),
+                       ("gram", lambda t: {**t, "gram": t["gram"].at[int(probe[0, 3])].multiply(1.01)})]:
+    with pytest.raises(Exception, match=r"train\['gram'\] does not match train\['arrays'\]\['x'\] at row"):
+      jax.block_until_ready(round_fn(state, change(train), jax.random.key(0)))
+  with pytest.raises(ValueError, match="without train\\['gram_probe'\\]"):
+    alg.round_fn(state, {k: v for k, v in train.items() if k != fa.GRAM_PROBE}, jax.random.key(0))
+  # Client 0's first row, the table's row 0 (probed), reads an inf: its diagonal entry is inf too.
+  bad = fa.device_train_data(_mixed_data(poison=0), alg.gram_rows)
+  assert int(np.asarray(bad[fa.GRAM_PROBE])[0, 0]) == 0 and not np.isfinite(np.asarray(bad["gram"])[0, 0])
+  _, metrics = round_fn(state, bad, jax.random.key(0))
+  assert int(metrics["num_nonfinite"]) == 1

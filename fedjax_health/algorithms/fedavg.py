@@ -421,9 +421,13 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     per_client = (train["offsets"][cohort], pos, mask, jax.random.split(k_clients, cohort_size), ctx, sizes)
     gram = train.get("gram") if gram_rows else None
     rows = jax.tree.leaves(train["arrays"])[0].shape[0]
-    if gram is not None and gram.shape[0] > rows:
-      raise ValueError(f"train['gram'] has {gram.shape[0]} rows, more than the arrays' {rows}: build it with "
-                       "device_train_data from the same dataset")
+    if gram is not None:
+      if gram.shape[0] > rows:
+        raise ValueError(f"train['gram'] has {gram.shape[0]} rows, more than the arrays' {rows}: build it with "
+                         "device_train_data from the same dataset")
+      if GRAM_PROBE not in train:
+        raise ValueError(f"train['gram'] comes without train[{GRAM_PROBE!r}]: build both with device_train_data")
+      _check_gram_probe(gram, train["arrays"]["x"], train[GRAM_PROBE])
     products = None
     # Only over inputs device_train_data found finite: a rejected client's zero rows of the U buffer
     # times an inf input would make the kernel's sum NaN (lowrank.first_layer_delta).
@@ -482,6 +486,31 @@ FIRST_LAYER_MIN_COHORT = 0.75
 # device_train_data's key saying the table's rows of x are finite (checked once): the round's
 # first-layer products need it (fedavg(first_layer_products=...)); its presence is what counts.
 FINITE_TABLE_INPUTS = "gram_inputs_finite"
+# device_train_data's [2, P] rows and columns of the Gram table's diagonal entries <x_r, x_r> at P rows
+# spread over it: every round compares them with its inputs (``_check_gram_probe``).
+GRAM_PROBE = "gram_probe"
+GRAM_PROBE_ROWS = 16
+
+
+def _check_gram_probe(gram: jax.Array, x: jax.Array, probe: jax.Array) -> None:
+  """Raises (when the round runs) if the Gram table's probed diagonal entries are not its inputs'
+  squared norms: a table built from other inputs, or inputs changed after device_train_data (e.g.
+  normalised), would otherwise give wrong corrections silently. Costs ``P`` rows' sums per round."""
+  rows, cols = probe[0], probe[1]
+  xr = jnp.take(x, rows, axis=0).reshape(rows.shape[0], -1).astype(jnp.float32)
+  sq = jnp.sum(jnp.square(xr), axis=1)
+  table = gram[rows, cols].astype(jnp.float32)
+  both_finite = jnp.isfinite(sq) & jnp.isfinite(table)
+  off = jnp.where(both_finite, jnp.abs(table - sq) > 1e-3 * jnp.abs(sq) + 1e-5, jnp.isfinite(sq) != jnp.isfinite(table))
+
+  def fail(off, rows):
+    if np.any(off):
+      r = int(np.asarray(rows)[np.argmax(off)])
+      raise ValueError(f"train['gram'] does not match train['arrays']['x'] at row {r} (its diagonal entry is not "
+                       "the row's squared norm): build train with device_train_data from the inputs the round "
+                       "reads, after any change to them")
+
+  jax.debug.callback(fail, off, rows)
 
 
 def _use_lowrank(fast_path: str, chain, model, shapes, plan: BatchPlanSpec, **setting) -> bool:
@@ -520,7 +549,9 @@ def device_train_data(dataset, gram_rows: int = 0) -> dict:
   The clients the table covers (at most ``gram_rows`` examples) then come first in the arrays (each
   client's rows contiguous and in order, ``offsets`` following), so the table is ``[R, gram_rows]``
   for their R rows, and so are the round's first-layer products (``fedavg(first_layer_products=)``),
-  which also need ``FINITE_TABLE_INPUTS`` (added when those rows' inputs are all finite).
+  which also need ``FINITE_TABLE_INPUTS`` (added when those rows' inputs are all finite). With the
+  table comes ``GRAM_PROBE``: rounds check the table's diagonal at a few rows against the inputs they
+  read and raise on a mismatch (inputs changed after this call, or a table from other inputs).
   The table is left out, and rounds form the products, when it would take more
   than ``GRAM_TABLE_BUDGET`` bytes and more than half the inputs' memory: few input features and
   wide hidden layers let the low-rank path take many rows per client (e.g. 4 inputs, 126 rows).
@@ -564,6 +595,9 @@ def device_train_data(dataset, gram_rows: int = 0) -> dict:
   }
   if table is not None:
     out["gram"] = jnp.asarray(table)
+    probe = np.unique(np.linspace(0, covered - 1, min(GRAM_PROBE_ROWS, covered)).astype(np.int64))
+    out[GRAM_PROBE] = jnp.asarray(np.stack([probe, probe - bounds[np.searchsorted(bounds, probe, "right") - 1]]),
+                                  jnp.int32)
     if finite:  # a key, so the round knows it when it traces
       out[FINITE_TABLE_INPUTS] = jnp.ones((), jnp.bool_)
   return out
