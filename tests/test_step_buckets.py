@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from fedjax_health import client as client_lib
+from fedjax_health import lowrank
 from fedjax_health import models
 from fedjax_health import step_buckets as sb
 from fedjax_health.aggregators import robust
@@ -178,12 +179,20 @@ def test_dp_sgd_buckets_equal_padded(poisson):
   assert float(runs[0][2][-1]["aggregate_norm"]) > 0
 
 
-def test_sharded_buckets_equal_single_device(require_host_devices):
+def test_sharded_buckets_equal_single_device(require_host_devices, monkeypatch):
   require_host_devices(4)
   ds = _data()
   mesh = client_lib.make_client_mesh(4)
   for kw in (dict(fast_path="lowrank", lowrank_width=2), dict(fast_path="off", aggregator=robust.coordinate_median())):
     _assert_same(_rounds(ds, "pow2", cohort=8, mesh=mesh, **kw), _rounds(ds, "none", cohort=8, **kw))
+  # Auto with plain SGD: short clients low-rank, long ones in densified blocks (lowrank.local_train_densified).
+  ds, kw = _data(dim=40), dict(fast_path="auto", client_opt=client_lib.sgd(0.1))
+  calls = []
+  densified = lowrank.local_train_densified
+  monkeypatch.setattr(lowrank, "local_train_densified", lambda *a, **k: calls.append(1) or densified(*a, **k))
+  sharded = _rounds(ds, "pow2", cohort=8, mesh=mesh, **kw)
+  assert sharded[0].path == "plain+lowrank" and calls
+  _assert_same(sharded, _rounds(ds, "none", cohort=8, fast_path="off", client_opt=client_lib.sgd(0.1)))
 
 
 def test_gather_clamps_rows_past_the_arrays():
