@@ -95,7 +95,7 @@ ENGINES = {  # name: (fast_path, step_buckets, input Gram table, first layer's p
     "lowrank_step_by_step": ("auto", "pow2", True, None, 0),  # the default path, long clients not in densified blocks
     "dense": ("off", "pow2", True, None, None),  # every client dense, one at a time, exactly its own steps
     "dense_static": ("off", "pow2_static", True, None, None),  # dense, padded to its power-of-two bucket
-    "dense_padded": ("off", "none", True, None, None),  # dense, padded to the largest client (the engine before buckets)
+    "dense_padded": ("off", "none", True, None, None),  # dense, padded to the largest client (the old engine)
 }
 
 
@@ -220,7 +220,8 @@ def main():
     raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
   points = DEFAULT_POINTS if not args.points else tuple(_parse_point(p) for p in args.points.split(";"))
   peak = matmul_peak_gflops()
-  report = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {jax.default_backend()}", "cpu": cpu_description(),
+  report = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {jax.default_backend()}",
+            "cpu": cpu_description(),
             "date": time.strftime("%Y-%m-%d", time.gmtime()), "jax": jax.__version__, "repeats": args.repeats,
             "gemm_peak_gflops": peak, "points": []}
   from experiments import report as report_lib
