@@ -6,7 +6,7 @@ pass per round and the kernel's weighted sum with one more (``lowrank.first_laye
 ``first_layer_delta``); ``False`` forms them per chunk of clients over their padded batch slots.
 
 ``--change densify``: long plain-SGD clients (too many steps for their factors) trained dense step
-by step (``lowrank.DENSIFY_STEPS = 0``) or in densified blocks (``lowrank.local_train_densified``).
+by step (``fedavg(densify_steps=0)``) or in densified blocks (``lowrank.local_train_densified``).
 
 Each population (1,000 clients, 20 examples on average, MLP 784-200-10, batch 10, one epoch) is
 timed round-robin in one process beside its centralised limit, so load changes hit every variant

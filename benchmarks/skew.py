@@ -12,7 +12,7 @@ the same process, median over ``--repeats`` rounds after warm-up (compile exclud
   lowrank_chunk_products  the default path forming the first layer's products per chunk of clients
                      over their padded slots, not once per round over the dataset's rows
   lowrank_step_by_step  the default path training its long clients dense step by step, not in
-                     densified blocks (``lowrank.DENSIFY_STEPS = 0``)
+                     densified blocks (``fedavg(densify_steps=0)``)
   dense_padded       our round with the padded plan (``step_buckets="none"``: every client runs the
                      largest client's steps; the engine before step buckets)
 
@@ -88,7 +88,7 @@ def _interleaved_medians(fns: dict, repeats: int) -> dict:
 
 
 ENGINES = {  # name: (fast_path, step_buckets, input Gram table, first layer's products once per round,
-    #               lowrank.DENSIFY_STEPS (None: default))
+    #               fedavg(densify_steps=) (None: default))
     "lowrank": ("auto", "pow2", True, None, None),  # the default path: low-rank short buckets, long clients dense
     "lowrank_chunk_products": ("auto", "pow2", True, False, None),  # the default path, first layer per chunk
     "lowrank_no_gram": ("auto", "pow2", False, None, None),  # the default path forming its Gram matrices every round

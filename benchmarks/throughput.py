@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from fedjax_health import client as client_lib
-from fedjax_health import lowrank, models
+from fedjax_health import models
 from fedjax_health.algorithms import fedavg as fa
 from fedjax_health.data.federated import BatchPlanSpec, FederatedDataset
 
@@ -119,19 +119,15 @@ def make_engine_round(model, ds, plan, width=1, lr=0.1, unroll=1, fast_path="off
   ``cohort_size``: clients per round (default every client).
   ``first_layer_products``: passed to ``fedavg`` (None: its automatic choice; False: the first layer's
   products per chunk, as before the round-wide GEMMs).
-  ``densify_steps``: ``lowrank.DENSIFY_STEPS`` while the round is built (0: long plain-SGD clients
-  train dense step by step; None: the default blocks).
+  ``densify_steps``: passed to ``fedavg`` (0: long plain-SGD clients train dense step by step; None:
+  the default blocks).
   ``narrow_buckets``: False compiles the round without the low-rank path's narrow one-step buckets
   (``fedavg.NARROW_DIVISORS = ()`` while it compiles): every one-step client pays the whole batch.
   """
-  default_blocks = lowrank.DENSIFY_STEPS
-  try:  # read when fedavg builds the round
-    lowrank.DENSIFY_STEPS = default_blocks if densify_steps is None else densify_steps
-    alg = fa.fedavg(model, num_clients=ds.num_clients, cohort_size=cohort_size or ds.num_clients, plan=plan,
-                    client_opt=client_lib.sgd(lr), clients_per_step=width, unroll=unroll, map_unroll=unroll,
-                    fast_path=fast_path, lowrank_width=lowrank_width, first_layer_products=first_layer_products)
-  finally:
-    lowrank.DENSIFY_STEPS = default_blocks
+  alg = fa.fedavg(model, num_clients=ds.num_clients, cohort_size=cohort_size or ds.num_clients, plan=plan,
+                  client_opt=client_lib.sgd(lr), clients_per_step=width, unroll=unroll, map_unroll=unroll,
+                  fast_path=fast_path, lowrank_width=lowrank_width, first_layer_products=first_layer_products,
+                  densify_steps=densify_steps)
   state = alg.init(model.init(jax.random.key(0)))
   train = fa.device_train_data(ds, alg.gram_rows if gram_table else 0)
   round_fn = jax.jit(alg.round_fn)

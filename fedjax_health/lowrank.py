@@ -62,7 +62,7 @@ from fedjax_health import models as models_lib
 
 Params = Any
 PRODUCT_BLOCK_ROWS = 1024  # rows per block of first_layer_products / first_layer_delta (512-2048 ran alike)
-DENSIFY_STEPS = 4  # steps per block of local_train_densified (fedavg's long plain-SGD clients; 0: train them dense)
+DENSIFY_STEPS = 4  # fedavg(densify_steps=None): steps per block of its long plain-SGD clients
 MAX_STEPS = 4  # up to this many local steps are unrolled (compile time grows ~k^2); beyond, a rolled scan.
 # Measured (1,000 lognormal clients, sigma 1, 2-core CPU): the 3-4-step bucket unrolled ran the round
 # in 259 ms against 273 ms rolled, for ~1 s more compile.

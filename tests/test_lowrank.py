@@ -429,12 +429,12 @@ def _mixed_data(sizes=(1, 2, 3, 4, 6, 8, 13, 0, 30, 2, 40, 5, 7, 1), dim=64, poi
 
 
 def _mixed_run(ds, products, *, fast_path="auto", epochs=1, cohort=None, momentum=0.0, prox_mu=0.0, rounds=2,
-               trace_only=False, lr=0.1, hidden=32):
+               trace_only=False, lr=0.1, hidden=32, densify_steps=None):
   model = models.get_model("mlp", 3, (ds.x.shape[1],), hidden=(hidden,))
   plan = BatchPlanSpec.create(ds.client_sizes, 4, num_epochs=epochs)
   alg = fa.fedavg(model, num_clients=ds.num_clients, cohort_size=cohort or ds.num_clients, plan=plan,
                   client_opt=client_lib.sgd(lr, momentum), prox_mu=prox_mu, fast_path=fast_path,
-                  first_layer_products=products, lowrank_width=3)
+                  first_layer_products=products, lowrank_width=3, densify_steps=densify_steps)
   state = alg.init(model.init(jax.random.key(0)))
   train = fa.device_train_data(ds, alg.gram_rows)
   if trace_only:
@@ -589,26 +589,27 @@ def test_densified_local_train_equals_dense_training(name, kw, num_classes):
 @pytest.mark.parametrize("setting", [dict(), dict(epochs=3, cohort=9, products=False)])
 def test_round_densifies_long_plain_sgd_clients(setting, monkeypatch):
   """Long clients (too many steps for the factors) of plain local SGD train in densified blocks, and
-  the round equals dense training of them (DENSIFY_STEPS=0) and the dense path; with momentum or a
+  the round equals dense training of them (densify_steps=0) and the dense path; with momentum or a
   proximal term they train dense."""
   ds = _mixed_data()
   products = setting.pop("products", None)
   calls = []
   densified = lowrank.local_train_densified
   monkeypatch.setattr(lowrank, "local_train_densified", lambda *a, **k: calls.append(1) or densified(*a, **k))
-  monkeypatch.setattr(lowrank, "DENSIFY_STEPS", 3)  # 30 and 40 examples of batch 4: part-masked last blocks
-  blocks, alg = _mixed_run(ds, products, **setting)
+  # 30 and 40 examples of batch 4 in blocks of 3 steps: part-masked last blocks
+  blocks, alg = _mixed_run(ds, products, densify_steps=3, **setting)
   assert alg.path == "plain+lowrank" and calls
   calls.clear()
-  monkeypatch.setattr(lowrank, "DENSIFY_STEPS", 0)
-  step_by_step, _ = _mixed_run(ds, products, **setting)
+  step_by_step, _ = _mixed_run(ds, products, densify_steps=0, **setting)
   assert not calls
   _assert_same_rounds(blocks, step_by_step)
   _assert_same_rounds(blocks, _mixed_run(ds, None, fast_path="off", **setting)[0])
-  monkeypatch.setattr(lowrank, "DENSIFY_STEPS", 3)
   for kw in (dict(momentum=0.5), dict(prox_mu=0.3)):
-    _mixed_run(ds, products, trace_only=True, **setting, **kw)
+    _mixed_run(ds, products, trace_only=True, densify_steps=3, **setting, **kw)
     assert not calls, kw
+  for bad in (-1, 2.0, True):
+    with pytest.raises(ValueError, match="densify_steps must be an int >= 0"):
+      _mixed_run(ds, products, trace_only=True, densify_steps=bad)
 
 
 def test_round_checks_the_gram_table_against_its_inputs():
@@ -630,8 +631,12 @@ def test_round_checks_the_gram_table_against_its_inputs():
                        ("gram", lambda t: {**t, "gram": t["gram"].at[int(probe[0, 3])].multiply(1.01)})]:
     with pytest.raises(Exception, match=r"train\['gram'\] does not match train\['arrays'\]\['x'\] at row"):
       jax.block_until_ready(round_fn(state, change(train), jax.random.key(0)))
-  with pytest.raises(ValueError, match="without train\\['gram_probe'\\]"):
-    alg.round_fn(state, {k: v for k, v in train.items() if k != fa.GRAM_PROBE}, jax.random.key(0))
+  for probe_value in (None, train[fa.GRAM_PROBE][0], train[fa.GRAM_PROBE].astype(jnp.float32)):
+    bad_probe = {k: v for k, v in train.items() if k != fa.GRAM_PROBE}
+    if probe_value is not None:
+      bad_probe[fa.GRAM_PROBE] = probe_value
+    with pytest.raises(ValueError, match="train\\['gram_probe'\\] must be device_train_data's \\[2, P\\] int"):
+      alg.round_fn(state, bad_probe, jax.random.key(0))
   # Client 0's first row, the table's row 0 (probed), reads an inf: its diagonal entry is inf too.
   bad = fa.device_train_data(_mixed_data(poison=0), alg.gram_rows)
   assert int(np.asarray(bad[fa.GRAM_PROBE])[0, 0]) == 0 and not np.isfinite(np.asarray(bad["gram"])[0, 0])

@@ -108,7 +108,7 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
            map_unroll: int | bool = 1,
            plan_fn: Callable | None = None, fast_path: str = "auto",
            lowrank_width: int | None = None, weighting: str = "examples_used",
-           first_layer_products: bool | None = None) -> FederatedAlgorithm:
+           first_layer_products: bool | None = None, densify_steps: int | None = None) -> FederatedAlgorithm:
   """Returns the FedAvg/FedProx/FedOpt algorithm for ``model``.
 
   Args:
@@ -134,7 +134,7 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     fast_path: "auto" takes the exact low-rank path (``lowrank.py``: shared-weight GEMMs, no
       per-client weights) when it applies, per step bucket (``plan.step_buckets``) where its factors
       are small (``lowrank.suitable``), training longer clients dense (with plain SGD, no proximal
-      term: in blocks of ``lowrank.DENSIFY_STEPS`` steps, ``lowrank.local_train_densified``); "lowrank" requires it for
+      term: in blocks of ``densify_steps`` steps, ``lowrank.local_train_densified``); "lowrank" requires it for
       every bucket (error naming what prevents it); "off" always trains dense copies.
     lowrank_width: clients per chunk on the low-rank path (default ``lowrank.chunk_width`` of each
       bucket's length: ~8 MB of factors on CPU, ~512 MB on accelerators).
@@ -146,6 +146,9 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
       instead of per chunk over the clients' padded batch slots. None: when ``cohort_size >=
       FIRST_LAYER_MIN_COHORT * num_clients`` (most rows train each round); True requires it (error
       naming what prevents it); False never. Results agree to float rounding.
+    densify_steps: steps per densified block of the low-rank path's long plain-SGD clients
+      (``lowrank.local_train_densified``); None: ``lowrank.DENSIFY_STEPS``; 0 trains them dense step
+      by step (the same result to float rounding).
   The client-map stage runs each client only for its own steps, bucketed by length
   (``step_buckets.py``; ``plan.step_buckets="none"``: padded to the longest); results are the same.
   """
@@ -173,6 +176,10 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     raise ValueError(f"lowrank_width must be >= 1, got {lowrank_width}")
   if first_layer_products not in (None, True, False):
     raise ValueError(f"first_layer_products must be None, True or False, got {first_layer_products!r}")
+  if densify_steps is None:
+    densify_steps = lowrank_lib.DENSIFY_STEPS
+  if isinstance(densify_steps, bool) or not isinstance(densify_steps, (int, np.integer)) or densify_steps < 0:
+    raise ValueError(f"densify_steps must be an int >= 0 (0: long clients step by step), got {densify_steps!r}")
 
   def lowrank_at(length: int, batch: int, num_buckets: int = 1) -> int:
     """Chunk width of the low-rank path for clients of ``length`` steps (0: train them dense).
@@ -235,7 +242,7 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
 
   # Long clients of plain local SGD on the low-rank path train in blocks of DENSIFY_STEPS steps, the
   # weights materialised once per block (lowrank.local_train_densified), not once per dense step.
-  densify_steps = lowrank_lib.DENSIFY_STEPS if use_lowrank and client_opt.momentum == 0 and prox_mu == 0 else 0
+  densify_steps = int(densify_steps) if use_lowrank and client_opt.momentum == 0 and prox_mu == 0 else 0
 
   def densified_client_fn(shared, per_client, length):
     params, arrays = shared[:2]
@@ -425,9 +432,13 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
       if gram.shape[0] > rows:
         raise ValueError(f"train['gram'] has {gram.shape[0]} rows, more than the arrays' {rows}: build it with "
                          "device_train_data from the same dataset")
-      if GRAM_PROBE not in train:
-        raise ValueError(f"train['gram'] comes without train[{GRAM_PROBE!r}]: build both with device_train_data")
-      _check_gram_probe(gram, train["arrays"]["x"], train[GRAM_PROBE])
+      probe = train.get(GRAM_PROBE)
+      if probe is None or jnp.ndim(probe) != 2 or jnp.shape(probe)[0] != 2 or not jnp.issubdtype(
+          jnp.result_type(probe), jnp.integer):
+        raise ValueError(f"train[{GRAM_PROBE!r}] must be device_train_data's [2, P] int rows and columns of "
+                         f"the Gram table, got {None if probe is None else (jnp.shape(probe), jnp.result_type(probe))}"
+                         ": build train['gram'] and it with device_train_data")
+      _check_gram_probe(gram, train["arrays"]["x"], probe)
     products = None
     # Only over inputs device_train_data found finite: a rejected client's zero rows of the U buffer
     # times an inf input would make the kernel's sum NaN (lowrank.first_layer_delta).
