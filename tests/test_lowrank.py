@@ -25,13 +25,16 @@ def _client_batch(k=4, b=3, dim=7, num_classes=3, seed=0):
 
 @pytest.mark.parametrize("name,kw,num_classes", MODELS)
 @pytest.mark.parametrize("momentum,prox_mu", [(0.0, 0.0), (0.9, 0.0), (0.0, 0.5), (0.5, 0.3)])
-def test_local_train_equals_dense_training(name, kw, num_classes, momentum, prox_mu):
+@pytest.mark.parametrize("dense_tail", [None, False])  # these models' later layers: dense, factored
+def test_local_train_equals_dense_training(name, kw, num_classes, momentum, prox_mu, dense_tail):
   model = models.get_model(name, num_classes, (7,), **kw)
   params = model.init(jax.random.key(0))
   xs, ys, mask = _client_batch(num_classes=num_classes)
   train = jax.jit(lambda p, x, y, m: lowrank.local_train(lowrank.dense_chain(model), p, x, y, m, learning_rate=0.3,
-                                                         momentum=momentum, prox_mu=prox_mu))
+                                                         momentum=momentum, prox_mu=prox_mu, dense_tail=dense_tail))
   factors, aux = train(params, xs, ys, mask)
+  n_dense = sum(len(f) == 2 for f in factors)
+  assert n_dense == (0 if dense_tail is False else len(factors) - 1)
   reg = client_lib.prox_regularizer(prox_mu) if prox_mu else None
   trainer = client_lib.ClientTrainer(client_lib.make_grad_fn(model.example_losses, reg),
                                      optax.sgd(0.3, momentum=momentum or None))
@@ -46,14 +49,17 @@ def test_local_train_equals_dense_training(name, kw, num_classes, momentum, prox
 
 @pytest.mark.parametrize("name,kw,num_classes", [MODELS[0], MODELS[3]])
 @pytest.mark.parametrize("momentum,prox_mu", [(0.0, 0.0), (0.5, 0.3)])
-def test_rolled_local_train_equals_dense_training(name, kw, num_classes, momentum, prox_mu):
+@pytest.mark.parametrize("dense_tail", [None, False])
+def test_rolled_local_train_equals_dense_training(name, kw, num_classes, momentum, prox_mu, dense_tail):
   """Beyond ``MAX_STEPS`` unrolled steps the rolled scan (fixed factor buffers) gives the same delta."""
   k = lowrank.MAX_STEPS + 3
   model = models.get_model(name, num_classes, (7,), **kw)
   params = model.init(jax.random.key(0))
   xs, ys, mask = _client_batch(k=k, num_classes=num_classes)
   factors, aux = jax.jit(lambda p: lowrank.local_train(lowrank.dense_chain(model), p, xs, ys, mask, learning_rate=0.3,
-                                                       momentum=momentum, prox_mu=prox_mu))(params)
+                                                       momentum=momentum, prox_mu=prox_mu,
+                                                       dense_tail=dense_tail))(params)
+  assert sum(len(f) == 2 for f in factors) == (0 if dense_tail is False else len(factors) - 1)
   reg = client_lib.prox_regularizer(prox_mu) if prox_mu else None
   trainer = client_lib.ClientTrainer(client_lib.make_grad_fn(model.example_losses, reg),
                                      optax.sgd(0.3, momentum=momentum or None))
@@ -363,19 +369,18 @@ def test_local_train_from_products_equals_from_inputs():
   model = models.get_model("mlp", 3, (7,), hidden=(6, 4))
   chain = lowrank.dense_chain(model)
   params = model.init(jax.random.key(0))
-  train = jax.jit(lambda xs, ys, m, xw=None, g=None: lowrank.local_train(
-      chain, params, xs, ys, m, learning_rate=0.3, momentum=0.5, prox_mu=0.2, xw=xw, gram_x=g))
-  for k in (3, lowrank.MAX_STEPS + 2):  # unrolled and rolled
+  for k, tail in [(3, False), (lowrank.MAX_STEPS + 2, False), (3, None), (lowrank.MAX_STEPS + 2, None)]:
+    # unrolled and rolled; later layers factored and dense
+    train = jax.jit(lambda xs, ys, m, xw=None, g=None, tail=tail: lowrank.local_train(
+        chain, params, xs, ys, m, learning_rate=0.3, momentum=0.5, prox_mu=0.2, xw=xw, gram_x=g, dense_tail=tail))
     xs, ys, mask = _client_batch(k=k)
     x = xs.reshape(-1, 7)
     ref, ref_aux = train(xs, ys, mask)
     got, aux = train(None, ys, mask, xs @ params["body_0"]["kernel"], x @ x.T)
-    assert got[0][0] is None
-    for (h_r, u_r, b_r), (h, u, b) in zip(ref, got):
-      np.testing.assert_allclose(u, u_r, atol=1e-6)
-      np.testing.assert_allclose(b, b_r, atol=1e-6)
-    for h_r, h in zip([f[0] for f in ref[1:]], [f[0] for f in got[1:]]):
-      np.testing.assert_allclose(h, h_r, atol=1e-6)
+    assert got[0][0] is None and ref[0][0] is not None
+    assert [len(f) for f in got] == [3, 3 if tail is False else 2, 3 if tail is False else 2]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got[0][1:], ref[0][1:])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got[1:], ref[1:])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), aux, ref_aux)
   with pytest.raises(ValueError, match="needs xs, or xw and gram_x"):
     lowrank.local_train(chain, params, None, ys, mask, learning_rate=0.3)
