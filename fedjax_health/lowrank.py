@@ -88,12 +88,14 @@ def dense_chain(model) -> DenseChain | None:
 
 
 def factor_sizes(chain: DenseChain, params: Params, steps: int, batch: int) -> tuple[int, int]:
-  """Returns (elements of a client's dense delta, elements of its factored delta)."""
+  """Returns (elements of a client's dense delta, elements of its low-rank delta): factors for the
+  layers ``local_train`` factors, the dense weights of those it trains dense (``dense_layers``)."""
   dense = factored = 0
-  for name in chain.layers:
+  tail = dense_layers(chain, params, steps, batch)
+  for name, is_dense in zip(chain.layers, tail):
     d_in, d_out = params[name]["kernel"].shape
     dense += d_in * d_out + d_out
-    factored += steps * batch * (d_in + d_out) + d_out
+    factored += (d_in * d_out if is_dense else steps * batch * (d_in + d_out)) + d_out
   return dense, factored
 
 
@@ -117,14 +119,16 @@ def chunk_width(chain: DenseChain, params: Params, steps: int, batch: int, cohor
   return -(-cohort // chunks)
 
 
-# fedavg's "auto" takes the low-rank path for step buckets whose factors are at most this share of the
-# dense delta. MLP 784-200-10, batch 10: 1-4 steps 0.08-0.3, 8 steps 0.6, 16 steps 1.2. Measured
-# (1,000 clients, 2-core AVX-512 CPU, one process, 11-15 repeats, round / centralised limit, paired):
-# 0.5 (8-step bucket trained dense, in densified blocks) against 0.75: lognormal sigma 1 2.57x / 2.19x
-# and 2.65x / 2.21x, sigma 1.5 2.87x / 2.68x, power law 1.5 2.62x / 2.49x; 1.3 (16 steps low-rank
-# too) 2.39x, 2.74x, 2.51x. An earlier machine (AVX2, before densified blocks) had it the other way
-# (8-step bucket low-rank: 1.86x -> 2.2x, docs/performance.md).
-MAX_FACTOR_FRACTION = 0.75
+# fedavg's "auto" takes the low-rank path for step buckets whose low-rank delta is at most this share
+# of the dense delta (``factor_fraction``). MLP 784-200-10, batch 10: 1-4 steps 0.06-0.25, 8 steps
+# 0.51, 16 steps 1.0, 32 steps 2.0, 64 steps 4.0. Measured on a 2-core AVX-512 CPU (1,000 clients,
+# one process, 5-11 repeats, round / centralised limit, paired) once later layers trained dense and
+# the rolled loop read flat buffers: 5 epochs of 50 examples (every client in the 32-step bucket)
+# 2.09-2.18x in densified blocks against 1.04x low-rank; lognormal sigma 1.5 2.54x / 2.45x (bound
+# 0.75 / 2.5), power law 1.5 2.44x / 2.39x, sigma 1 1.93x / 1.95x; 5.0 (64 steps too) 2.32x / 2.51x.
+# Before (factored head, every step rescaling its buffers) 0.5 against 0.75 had been the question:
+# sigma 1 2.57x / 2.19x (docs/performance.md).
+MAX_FACTOR_FRACTION = 2.5
 
 
 def suitable(chain: DenseChain | None, params: Params, steps: int, batch: int,
@@ -213,7 +217,8 @@ def _tail_mask(chain, params, k, b, dense_tail):
 
 def local_train(chain: DenseChain, params: Params, xs: jax.Array, ys: jax.Array, mask: jax.Array, *,
                 learning_rate: float, momentum: float = 0.0, prox_mu: float = 0.0,
-                gram_x: jax.Array | None = None, xw: jax.Array | None = None, dense_tail: bool | None = None):
+                gram_x: jax.Array | None = None, xw: jax.Array | None = None, dense_tail: bool | None = None,
+                num_steps: jax.Array | None = None):
   """Returns (factors, aux) of one client's local SGD from ``params``, never forming its first layer's weights.
 
   Args:
@@ -231,12 +236,15 @@ def local_train(chain: DenseChain, params: Params, xs: jax.Array, ys: jax.Array,
     its ``U`` against the inputs itself (``fedavg``: ``scatter_first_layer`` and ``first_layer_delta``).
   dense_tail: None trains the layers ``dense_layers`` picks dense; True every layer after the first;
     False none (every layer factored).
+  num_steps: optional traced scalar for the rolled loop (more than ``MAX_STEPS`` steps): run only the
+    first ``num_steps`` steps (a dynamic trip count; the client's steps past it must be masked, e.g. a
+    chunk's longest client, ``step_buckets.Bucket(chunk_length=True)``). Ignored when unrolled.
   """
   k, b = mask.shape
   dense = _tail_mask(chain, params, k, b, dense_tail)
   if k > MAX_STEPS:
     return _local_train_rolled(chain, params, xs, ys, mask, learning_rate=learning_rate, momentum=momentum,
-                               prox_mu=prox_mu, gram_x=gram_x, xw=xw, dense=dense)
+                               prox_mu=prox_mu, gram_x=gram_x, xw=xw, dense=dense, num_steps=num_steps)
   wb = _weights(params, chain)
   n_layers = len(wb)
   act = chain.activation or (lambda z: z)
@@ -252,6 +260,7 @@ def local_train(chain: DenseChain, params: Params, xs: jax.Array, ys: jax.Array,
   gs: list[list[jax.Array]] = [[] for _ in wb]  # per factored layer, per step: dL/dz [b, d_out] (plain: U)
   hs: list[list[jax.Array]] = [[] for _ in wb]  # per factored layer >= 1, per step: the layer's input [b, d_in]
   db = [None if d else jnp.zeros_like(z0, shape=bias.shape) for (_, bias), d in zip(wb, dense)]
+  sq = [jnp.zeros_like(z0, shape=()) for _ in wb]  # plain: per factored layer, ||H^T U||^2 so far
   dw = _zero_tail(wb, dense, z0)  # per dense layer: (delta of kernel, of bias); None for factored layers
   vw = _zero_tail(wb, dense, z0)  # and its momentum
 
@@ -268,6 +277,9 @@ def local_train(chain: DenseChain, params: Params, xs: jax.Array, ys: jax.Array,
       if dense[l]:
         total = total + _dense_sq_norm(dw[l])
         continue
+      if plain:
+        total = total + sq[l] + jnp.sum(jnp.square(db[l]))
+        continue
       n = len(gs[l])
       u = flat_u(coef[:n], gs[l])
       if l == 0:
@@ -283,7 +295,7 @@ def local_train(chain: DenseChain, params: Params, xs: jax.Array, ys: jax.Array,
     coef = a[:t]
 
     def loss_fn(eps, t=t, coef=coef, dw=dw, db=db):
-      h, inputs = None, []
+      h, inputs, corr = None, [], [None] * n_layers
       for l, (w, bias) in enumerate(wb):
         if dense[l]:
           inputs.append(h)
@@ -299,16 +311,17 @@ def local_train(chain: DenseChain, params: Params, xs: jax.Array, ys: jax.Array,
           gram = h @ jnp.stack(hs[l]).reshape(t * b, -1).T if t else None
         z = z + bias
         if t:
-          z = z + gram @ flat_u(coef, gs[l]) + bias_delta(coef, gs[l], db[l])
+          corr[l] = gram @ flat_u(coef, gs[l])  # the layer's delta applied to this step's inputs
+          z = z + corr[l] + bias_delta(coef, gs[l], db[l])
         z = z + eps[l]
         h = act(z) if l < n_layers - 1 else z
       ex = models_lib.per_example_loss(h, ys[t])
       mf = mask[t].astype(ex.dtype)
-      return jnp.sum(ex * mf) / jnp.maximum(jnp.sum(mf), 1.0), inputs
+      return jnp.sum(ex * mf) / jnp.maximum(jnp.sum(mf), 1.0), (inputs, corr)
 
     # zeros_like keeps x's varying-ness under shard_map: grad w.r.t. an invariant zero would be psum'd.
     eps = [jnp.zeros_like(z0, shape=(b, w.shape[1])) for w, _ in wb]
-    (loss, inputs), grads = jax.value_and_grad(loss_fn, has_aux=True)(eps)
+    (loss, (inputs, corr)), grads = jax.value_and_grad(loss_fn, has_aux=True)(eps)
     if prox_mu > 0 and t:
       loss = loss + 0.5 * prox_mu * stacked_sq_norm(coef, dw, db)
     active = jnp.any(mask[t])
@@ -317,6 +330,8 @@ def local_train(chain: DenseChain, params: Params, xs: jax.Array, ys: jax.Array,
         continue
       if plain:
         u_t = jnp.where(active, -learning_rate * grads[l], 0.0)
+        gram_tt = gram_x[t, :, t * b:(t + 1) * b] if l == 0 else inputs[l - 1] @ inputs[l - 1].T
+        sq[l] = sq[l] + _sq_norm_increment(u_t, corr[l], gram_tt)
         gs[l].append(u_t)
         db[l] = db[l] + jnp.sum(u_t, axis=0)
       else:
@@ -345,6 +360,18 @@ def local_train(chain: DenseChain, params: Params, xs: jax.Array, ys: jax.Array,
       "sq_norm": stacked_sq_norm(a, dw, db),
   }
   return factors, aux
+
+
+def _sq_norm_increment(u_t: jax.Array, corr: jax.Array | None, gram_tt: jax.Array) -> jax.Array:
+  """``||D + H_t^T U_t||^2 - ||D||^2`` for a factored layer's delta ``D`` before step t (plain SGD).
+
+  ``corr = H_t D`` (the delta applied to the step's inputs, which the step's forward computed; None
+  before the first step) and ``gram_tt = H_t H_t^T``: ``2 <U_t, H_t D> + <gram_tt, U_t U_t^T>``, a
+  ``[b, d]`` and a ``[b, b]`` product instead of the ``[k*b, k*b]`` Gram form at the end (for 32
+  steps of 10, 41 MFLOP per client of MLP 784-200-10).
+  """
+  inc = jnp.sum(gram_tt * (u_t @ u_t.T))
+  return inc if corr is None else inc + 2.0 * jnp.sum(u_t * corr)
 
 
 def _zero_tail(wb, dense, like):
@@ -398,7 +425,8 @@ def _first_layer_h(x, k: int, b: int):
 
 def _local_train_rolled(chain: DenseChain, params: Params, xs, ys, mask, *, learning_rate: float,
                         momentum: float, prox_mu: float, gram_x: jax.Array | None = None,
-                        xw: jax.Array | None = None, dense: tuple[bool, ...] | None = None):
+                        xw: jax.Array | None = None, dense: tuple[bool, ...] | None = None,
+                        num_steps: jax.Array | None = None):
   """``local_train`` as a ``lax.scan`` over steps with fixed-size factor buffers (any number of steps).
 
   The buffers are flat, ``[k*b, d]`` (step-major), so a step's correction is one ``[b, k*b] x [k*b, d]``
@@ -427,11 +455,14 @@ def _local_train_rolled(chain: DenseChain, params: Params, xs, ys, mask, *, lear
   def bias_delta(coef, g, db):
     return db if plain else jnp.sum(scaled(coef, g), axis=0)
 
-  def stacked_sq_norm(coef, gs, hs, dw, db):
+  def stacked_sq_norm(coef, gs, hs, dw, db, sq):
     total = 0.0
     for l in range(n_layers):
       if dense[l]:
         total = total + _dense_sq_norm(dw[l])
+        continue
+      if plain:  # accumulated step by step (_sq_norm_increment)
+        total = total + sq[l] + jnp.sum(jnp.square(db[l]))
         continue
       u = scaled(coef, gs[l])
       gram_h = gram_x.reshape(k * b, k * b) if l == 0 else hs[l - 1] @ hs[l - 1].T
@@ -439,11 +470,11 @@ def _local_train_rolled(chain: DenseChain, params: Params, xs, ys, mask, *, lear
     return total
 
   def step(carry, inp):
-    a, v, gs, hs, dw, vw, db = carry
+    a, v, gs, hs, dw, vw, db, sq = carry
     t, y_t, m_t = inp
 
     def loss_fn(eps):
-      h, inputs = None, []
+      h, inputs, corr = None, [], [None] * n_layers
       for l, (w, bias) in enumerate(wb):
         if dense[l]:
           inputs.append(h)
@@ -456,31 +487,47 @@ def _local_train_rolled(chain: DenseChain, params: Params, xs, ys, mask, *, lear
           inputs.append(h)
           z, gram = h @ w, h @ hs[l - 1].T
         # a_s = 0 (plain: U_s = 0) for the steps s >= t not taken yet
-        z = z + bias + gram @ scaled(a, gs[l]) + bias_delta(a, gs[l], db[l]) + eps[l]
+        corr[l] = gram @ scaled(a, gs[l])  # the layer's delta applied to this step's inputs
+        z = z + bias + corr[l] + bias_delta(a, gs[l], db[l]) + eps[l]
         h = act(z) if l < n_layers - 1 else z
       ex = models_lib.per_example_loss(h, y_t)
       mf = m_t.astype(ex.dtype)
-      return jnp.sum(ex * mf) / jnp.maximum(jnp.sum(mf), 1.0), inputs
+      return jnp.sum(ex * mf) / jnp.maximum(jnp.sum(mf), 1.0), (inputs, corr)
 
     eps = [jnp.zeros_like(z0, shape=(b, w.shape[1])) for w, _ in wb]
-    (loss, inputs), grads = jax.value_and_grad(loss_fn, has_aux=True)(eps)
+    (loss, (inputs, corr)), grads = jax.value_and_grad(loss_fn, has_aux=True)(eps)
     if prox_mu > 0:
-      loss = loss + 0.5 * prox_mu * stacked_sq_norm(a, gs, hs, dw, db)
+      loss = loss + 0.5 * prox_mu * stacked_sq_norm(a, gs, hs, dw, db, sq)
     active = jnp.any(m_t)
     if plain:
       grads = [d if g is None else jnp.where(active, -learning_rate * d, 0.0) for g, d in zip(gs, grads)]
       db = [None if g is None else dbl + jnp.sum(d, axis=0) for g, d, dbl in zip(gs, grads, db)]
+      sq = [None if g is None else sql + _sq_norm_increment(
+          d, c, jax.lax.dynamic_slice_in_dim(gram_x[t], t * b, b, axis=1) if l == 0 else inputs[l - 1] @ inputs[l - 1].T)
+            for l, (g, d, c, sql) in enumerate(zip(gs, grads, corr, sq))]
     gs = [None if g is None else jax.lax.dynamic_update_slice_in_dim(g, d, t * b, 0) for g, d in zip(gs, grads)]
     hs = [None if h is None else jax.lax.dynamic_update_slice_in_dim(h, i, t * b, 0) for h, i in zip(hs, inputs)]
     dw, vw = _dense_tail_step(dense, dw, vw, inputs, grads, active, learning_rate, momentum, prox_mu)
     v_new = momentum * v + (jnp.zeros_like(a).at[t].set(1.0) + prox_mu * a)
     a_new = a - learning_rate * v_new
-    return (jnp.where(active, a_new, a), jnp.where(active, v_new, v), gs, hs, dw, vw, db), (loss, active)
+    return (jnp.where(active, a_new, a), jnp.where(active, v_new, v), gs, hs, dw, vw, db, sq), (loss, active)
 
   a0 = jnp.zeros_like(z0, shape=(k,))
   dw0 = _zero_tail(wb, dense, z0)
-  (a, _, gs, hs, dw, _, db), (losses, actives) = jax.lax.scan(step, (a0, a0, gs0, hs0, dw0, dw0, db0),
-                                                              (jnp.arange(k), ys, mask))
+  sq0 = [None if d else jnp.zeros_like(z0, shape=()) for d in dense]
+  carry0 = (a0, a0, gs0, hs0, dw0, dw0, db0, sq0)
+  if num_steps is None:
+    carry, (losses, actives) = jax.lax.scan(step, carry0, (jnp.arange(k), ys, mask))
+  else:  # steps past num_steps are masked: they would change nothing (loss 0, inactive)
+    def body(t, c):
+      carry, losses, actives = c
+      carry, (loss, active) = step(carry, (t, ys[t], mask[t]))
+      return carry, losses.at[t].set(loss), actives.at[t].set(active)
+
+    carry, losses, actives = jax.lax.fori_loop(
+        0, jnp.minimum(num_steps, k), body,
+        (carry0, jnp.zeros_like(z0, shape=(k,)), jnp.zeros_like(mask, shape=(k,))))
+  a, _, gs, hs, dw, _, db, sq = carry
   factors = []
   for l in range(n_layers):
     if dense[l]:
@@ -494,7 +541,7 @@ def _local_train_rolled(chain: DenseChain, params: Params, xs, ys, mask, *, lear
       "loss": jnp.sum(losses * act_f) / jnp.maximum(jnp.sum(act_f), 1.0),
       "num_steps": jnp.sum(act_f).astype(jnp.int32),
       "num_examples": jnp.sum(mask).astype(jnp.float32),
-      "sq_norm": stacked_sq_norm(a, gs, hs, dw, db),
+      "sq_norm": stacked_sq_norm(a, gs, hs, dw, db, sq),
   }
   return factors, aux
 

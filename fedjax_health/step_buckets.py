@@ -87,6 +87,11 @@ class Bucket:
   ``scatter(extra, contribs [w, ...], valid [w]) -> extra``: with ``bucketed_map_sum(..., extra=...)``,
   what the chunk adds into the map's extra accumulator (e.g. rows of a per-example buffer, which a
   tree sum cannot express), besides ``chunk_sum``'s tree.
+
+  ``chunk_length=True``: ``fn`` is called as ``fn(x, n)`` with ``n`` the longest valid client of its
+  chunk (a traced scalar, the same for every lane), and the bucket's clients are ordered by length
+  (longest first), so each chunk holds clients of similar length and can stop after ``n`` steps
+  instead of the bucket's static length (a vmapped chunk otherwise runs every lane to ``length``).
   """
 
   length: int
@@ -97,6 +102,7 @@ class Bucket:
   dynamic: bool = False
   batch: int | None = None
   scatter: Callable | None = None
+  chunk_length: bool = False
 
 
 def _masked_sum(contrib: PyTree, valid: jax.Array) -> PyTree:
@@ -104,9 +110,15 @@ def _masked_sum(contrib: PyTree, valid: jax.Array) -> PyTree:
                       contrib)
 
 
-def assign_index(bidx: jax.Array, num_buckets: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Returns (order [C] clients sorted by bucket, stable; starts [K]; counts [K]) from bucket indices."""
-  order = jnp.argsort(bidx, stable=True).astype(jnp.int32)
+def assign_index(bidx: jax.Array, num_buckets: int, within: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Returns (order [C] clients sorted by bucket, stable; starts [K]; counts [K]) from bucket indices.
+
+  ``within``: optional ``[C]`` non-negative ints ordering the clients inside each bucket (ascending,
+  ties in cohort order).
+  """
+  key = bidx if within is None else bidx * (jnp.max(within) + 1) + within
+  order = jnp.argsort(key, stable=True).astype(jnp.int32)
   counts = jnp.zeros((num_buckets,), jnp.int32).at[bidx].add(1)
   starts = jnp.cumsum(counts) - counts
   return order, starts, counts
@@ -158,7 +170,13 @@ def bucketed_map_sum(buckets: tuple[Bucket, ...], xs: PyTree, lengths: jax.Array
   if extra is None and any(b.scatter is not None for b in buckets):
     raise ValueError("a bucket with Bucket.scatter needs bucketed_map_sum(..., extra=initial accumulator)")
   cohort = lengths.shape[0]
-  order, starts, counts = assign_index(bucket_index(buckets, lengths, widths), len(buckets))
+  bidx = bucket_index(buckets, lengths, widths)
+  within = None
+  if any(b.chunk_length for b in buckets):
+    # Longest first inside chunk_length buckets (bidx == K, longer than every bucket: runs nowhere).
+    by_length = jnp.asarray([b.chunk_length for b in buckets] + [False])[bidx]
+    within = jnp.where(by_length, jnp.max(lengths) - lengths, 0)
+  order, starts, counts = assign_index(bidx, len(buckets), within)
   max_w = max(max(b.width, b.tail_width or 1) for b in buckets)
   order = jnp.concatenate([order, jnp.zeros((max_w,), jnp.int32)])  # padded lanes read client 0
 
@@ -173,7 +191,9 @@ def bucketed_map_sum(buckets: tuple[Bucket, ...], xs: PyTree, lengths: jax.Array
   one = jax.tree.map(lambda a: a[:1], xs)
   acc = small_buf = None
   for b in buckets:
-    fn = (lambda x, f=b.fn: f(x, lengths[:1].reshape(()))) if b.dynamic else b.fn
+    if b.dynamic and b.chunk_length:
+      raise ValueError("a step bucket is either dynamic or chunk_length, not both")
+    fn = (lambda x, f=b.fn: f(x, lengths[:1].reshape(()))) if b.dynamic or b.chunk_length else b.fn
     c_shape, s_shape = jax.eval_shape(jax.vmap(fn), one)
     chunk_sum = b.chunk_sum or _masked_sum
     a_shape = jax.eval_shape(chunk_sum, c_shape, jax.ShapeDtypeStruct((1,), jnp.bool_))
@@ -199,7 +219,11 @@ def bucketed_map_sum(buckets: tuple[Bucket, ...], xs: PyTree, lengths: jax.Array
       valid = slot < stop
       idx = order[slot]
       x = jax.tree.map(lambda a: jnp.take(a, idx, axis=0, mode="clip"), xs)
-      contrib, small = jax.vmap(b.fn)(x)
+      if b.chunk_length:
+        n = jnp.max(jnp.where(valid, jnp.take(lengths, idx, mode="clip"), 0))
+        contrib, small = jax.vmap(b.fn, in_axes=(0, None))(x, n)
+      else:
+        contrib, small = jax.vmap(b.fn)(x)
       acc = add(b, acc, contrib, valid)
       dest = jnp.where(valid, idx, cohort)  # padded lanes scatter nowhere
       small_buf = jax.tree.map(lambda buf, s: buf.at[dest].set(s, mode="drop"), small_buf, small)

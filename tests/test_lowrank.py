@@ -71,6 +71,29 @@ def test_rolled_local_train_equals_dense_training(name, kw, num_classes, momentu
   assert k > lowrank.MAX_STEPS and int(aux["num_steps"]) == int(ref_aux["num_steps"]) >= 1
 
 
+@pytest.mark.parametrize("k", [4, lowrank.MAX_STEPS + 3])  # unrolled, rolled
+@pytest.mark.parametrize("momentum,prox_mu", [(0.0, 0.0), (0.5, 0.3)])
+def test_mixed_factored_and_dense_layers_equal_dense_training(k, momentum, prox_mu):
+  """A wide hidden layer stays factored while the head trains dense (``dense_layers``' automatic
+  choice): the client's delta still equals dense SGD's."""
+  model = models.get_model("mlp", 3, (7,), hidden=(64, 64))
+  chain, params = lowrank.dense_chain(model), model.init(jax.random.key(0))
+  assert lowrank.dense_layers(chain, params, k, 3) == (False, False, True)
+  xs, ys, mask = _client_batch(k=k)
+  factors, aux = jax.jit(lambda p: lowrank.local_train(chain, p, xs, ys, mask, learning_rate=0.3, momentum=momentum,
+                                                       prox_mu=prox_mu))(params)
+  assert [len(f) for f in factors] == [3, 3, 2]
+  reg = client_lib.prox_regularizer(prox_mu) if prox_mu else None
+  trainer = client_lib.ClientTrainer(client_lib.make_grad_fn(model.example_losses, reg),
+                                     optax.sgd(0.3, momentum=momentum or None))
+  delta, ref_aux = client_lib.local_train(trainer, params, xs, ys, mask, jax.random.key(0))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), lowrank.dense_delta(chain, factors), delta)
+  np.testing.assert_allclose(aux["loss"], ref_aux["loss"], rtol=1e-5)
+  np.testing.assert_allclose(aux["sq_norm"], client_lib.tree_sq_norm(delta), rtol=1e-5)
+  # The rule: a later layer trains dense once its weights are no larger than its factors.
+  assert lowrank.dense_layers(chain, params, 20, 4) == (False, True, True)  # 80 * (64 + 64) >= 64 * 64
+
+
 def test_weighted_sum_equals_sum_of_dense_deltas():
   model = models.get_model("mlp", 3, (7,), hidden=(5,))
   chain = lowrank.dense_chain(model)
@@ -292,13 +315,15 @@ def test_auto_picks_lowrank_only_when_factors_are_small():
   assert fa.fedavg(w1, plan=wide, fast_path="off", **args).path == "plain"
   many_steps = BatchPlanSpec.create(np.full(4, 40), 1, num_epochs=1)  # 40 steps: the rolled loop
   assert fa.fedavg(w1, plan=many_steps, **args).path == "lowrank"
-  # 25 steps of batch 10: buckets of <= 8 steps have small factors, the longer ones train dense
-  long = BatchPlanSpec.create(np.array([1, 50, 20, 250]), 10, num_epochs=1)
+  # 64 steps of batch 10: buckets of <= 32 steps have small factors, the longer ones train dense
+  long = BatchPlanSpec.create(np.array([1, 50, 20, 640]), 10, num_epochs=1)
   assert fa.fedavg(w1, plan=long, **args).path == "plain+lowrank"
   chain, shapes = lowrank.dense_chain(w1), jax.eval_shape(w1.init, jax.random.key(0))
-  assert lowrank.factor_fraction(chain, shapes, 8, 10) == pytest.approx(0.6, abs=0.01)
-  assert lowrank.suitable(chain, shapes, 8, 10) and not lowrank.suitable(chain, shapes, 16, 10)
-  assert not lowrank.suitable(chain, shapes, 8, 10, max_fraction=0.5)
+  # The 200x10 head trains dense (dense_layers): it counts as its weights, the first layer as factors.
+  assert lowrank.dense_layers(chain, shapes, 1, 10) == (False, True)
+  assert lowrank.factor_fraction(chain, shapes, 8, 10) == pytest.approx((80 * 984 + 200 + 2010) / 159010)
+  assert lowrank.suitable(chain, shapes, 32, 10) and not lowrank.suitable(chain, shapes, 64, 10)
+  assert not lowrank.suitable(chain, shapes, 32, 10, max_fraction=1.5)
 
 
 def _dp_run(aggregator, fast_path):
@@ -424,7 +449,8 @@ def test_scattered_first_layer_equals_weighted_sum():
 
 
 def _mixed_data(sizes=(1, 2, 3, 4, 6, 8, 13, 0, 30, 2, 40, 5, 7, 1), dim=64, poison=None):
-  """A heavy-tailed population on which ``auto`` trains short clients low-rank and long ones dense."""
+  """A heavy-tailed population on which ``auto`` trains short clients low-rank and long ones dense
+  (``_mixed_run``'s default first layer of 8 units, batch 4: buckets of <= 4 steps low-rank)."""
   rng = np.random.default_rng(1)
   arrays = [{"x": rng.normal(size=(n, dim)).astype(np.float32), "y": rng.integers(0, 3, n).astype(np.int32)}
             for n in sizes]
@@ -434,7 +460,7 @@ def _mixed_data(sizes=(1, 2, 3, 4, 6, 8, 13, 0, 30, 2, 40, 5, 7, 1), dim=64, poi
 
 
 def _mixed_run(ds, products, *, fast_path="auto", epochs=1, cohort=None, momentum=0.0, prox_mu=0.0, rounds=2,
-               trace_only=False, lr=0.1, hidden=32, densify_steps=None):
+               trace_only=False, lr=0.1, hidden=8, densify_steps=None):
   model = models.get_model("mlp", 3, (ds.x.shape[1],), hidden=(hidden,))
   plan = BatchPlanSpec.create(ds.client_sizes, 4, num_epochs=epochs)
   alg = fa.fedavg(model, num_clients=ds.num_clients, cohort_size=cohort or ds.num_clients, plan=plan,
@@ -546,7 +572,7 @@ def test_round_with_first_layer_products_rejects_diverging_clients():
   ds = _mixed_data()
   (state, history), _ = _mixed_run(ds, True, epochs=2, lr=1e30, rounds=1)
   assert int(history[0]["num_nonfinite"]) == int(np.sum(np.asarray(ds.client_sizes) > 0))
-  model = models.get_model("mlp", 3, (ds.x.shape[1],), hidden=(32,))
+  model = models.get_model("mlp", 3, (ds.x.shape[1],), hidden=(8,))
   jax.tree.map(np.testing.assert_array_equal, state.params, model.init(jax.random.key(0)))
 
 
@@ -623,7 +649,7 @@ def test_round_checks_the_gram_table_against_its_inputs():
   (whose client the round rejects) are not a mismatch."""
   ds = _mixed_data()
   (_, history), alg = _mixed_run(ds, None, rounds=1)
-  model = models.get_model("mlp", 3, (ds.x.shape[1],), hidden=(32,))
+  model = models.get_model("mlp", 3, (ds.x.shape[1],), hidden=(8,))
   state = alg.init(model.init(jax.random.key(0)))
   train = fa.device_train_data(ds, alg.gram_rows)
   probe = np.asarray(train[fa.GRAM_PROBE])

@@ -74,18 +74,46 @@ def test_dynamic_bucket_gets_each_clients_own_length():
     sb.bucketed_map_sum((dataclasses.replace(dyn, width=2),), xs, lengths)
 
 
+def test_chunk_length_bucket_runs_its_chunks_longest_client():
+  """A chunk_length bucket orders its clients longest first and calls each chunk with the longest
+  valid client's length; sums and cohort order as a plain bucket's."""
+  rng = np.random.default_rng(2)
+  lengths = jnp.asarray(rng.integers(0, 10, 13), jnp.int32)
+  xs = {"v": jnp.asarray(rng.normal(size=(13, 9)), jnp.float32), "id": jnp.arange(13), "len": lengths}
+  short = sb.Bucket(2, lambda x: (jnp.sum(x["v"][:2] ** 2), {"id": x["id"], "n": jnp.int32(2)}), 3)
+  # Steps past n are never run: the contribution is right only if n covers the client's own length.
+  long = sb.Bucket(9, lambda x, n: (jnp.sum(jnp.where(jnp.arange(9) < jnp.minimum(n, x["len"]), x["v"], 0.0) ** 2),
+                                    {"id": x["id"], "n": n}), 3, chunk_length=True)
+  total, small = jax.jit(lambda x, l: sb.bucketed_map_sum((short, long), x, l))(xs, lengths)
+  lens = np.asarray(lengths)
+  in_long = np.flatnonzero(lens > 2)
+  ranked = in_long[np.argsort(-lens[in_long], kind="stable")]  # longest first, ties in cohort order
+  expect_n = np.full(13, 2)
+  for start in range(0, len(ranked), 3):  # chunks of 3: each gets its first (longest) client's length
+    expect_n[ranked[start:start + 3]] = lens[ranked[start]]
+  np.testing.assert_array_equal(small["id"], np.arange(13))
+  np.testing.assert_array_equal(small["n"], expect_n)
+  assert len(set(expect_n[in_long])) > 1  # the chunks did not all run the bucket's length
+  v = np.asarray(xs["v"])
+  np.testing.assert_allclose(total, sum(float(np.sum(v[c, :n if n > 2 else 2] ** 2))
+                                        for c, n in enumerate(lens)), rtol=1e-5)
+  np.testing.assert_array_equal(sb.bucketed_map((short, long), xs, lengths)[1]["n"], expect_n)
+  with pytest.raises(ValueError, match="either dynamic or chunk_length"):
+    sb.bucketed_map_sum((dataclasses.replace(long, width=1, dynamic=True),), xs, lengths)
+
+
 def _data(dim=6, seed=0):
   rng = np.random.default_rng(seed)
   return from_client_arrays([{"x": rng.normal(size=(n, dim)).astype(np.float32),
                               "y": rng.integers(0, 3, n).astype(np.int32)} for n in SIZES])
 
 
-def _model(ds):
-  return models.get_model("mlp", 3, (ds.x.shape[1],), hidden=(8,))
+def _model(ds, hidden=(8,)):
+  return models.get_model("mlp", 3, (ds.x.shape[1],), hidden=hidden)
 
 
 def _rounds(ds, buckets, rounds=2, cohort=None, **kw):
-  model = _model(ds)
+  model = _model(ds, kw.pop("hidden", (8,)))
   plan = BatchPlanSpec.create(ds.client_sizes, 2, num_epochs=kw.pop("epochs", 1), step_buckets=buckets)
   kw.setdefault("client_opt", client_lib.sgd(0.1, 0.5))
   gram = kw.pop("gram", False)
@@ -150,9 +178,11 @@ def test_dynamic_and_static_dense_buckets_equal_padded_plan():
 
 
 def test_lowrank_buckets_equal_plain_path_and_mix_paths():
-  """Auto: short clients low-rank, long ones dense (the long buckets' factors outgrow the layer)."""
+  """Auto: short clients low-rank, long ones dense (the long buckets' factors outgrow the layer: a
+  first layer of 3 units); with 8 units and 2 epochs the buckets up to 8 steps are low-rank, the
+  8-step one rolled, its chunks stopping at their longest client."""
   ds = _data(dim=40)
-  kw = dict(cohort=8)
+  kw = dict(cohort=8, hidden=(3,))
   auto = _rounds(ds, "pow2", fast_path="auto", **kw)
   assert auto[0].path == "plain+lowrank"
   padded = _rounds(ds, "none", fast_path="off", **kw)
@@ -161,6 +191,13 @@ def test_lowrank_buckets_equal_plain_path_and_mix_paths():
   assert 0 < auto[0].gram_rows < auto[0].plan.num_steps * auto[0].plan.batch_size
   _assert_same(_rounds(ds, "pow2", fast_path="auto", gram=True, **kw), padded)
   _assert_same(_rounds(ds, "pow2", fast_path="lowrank", lowrank_width=3, **kw), padded)
+  kw = dict(cohort=8, epochs=2)  # 8 units; the 8-step bucket holds clients of 5 to 8 steps
+  auto = _rounds(ds, "pow2", fast_path="auto", **kw)
+  assert auto[0].path == "plain+lowrank" and lowrank.suitable(
+      lowrank.dense_chain(_model(ds)), jax.eval_shape(_model(ds).init, jax.random.key(0)), 8, 2)
+  padded = _rounds(ds, "none", fast_path="off", **kw)
+  _assert_same(auto, padded)
+  _assert_same(_rounds(ds, "pow2", fast_path="auto", gram=True, lowrank_width=2, **kw), padded)
 
 
 @pytest.mark.parametrize("poisson", [True, False])
@@ -186,13 +223,13 @@ def test_sharded_buckets_equal_single_device(require_host_devices, monkeypatch):
   for kw in (dict(fast_path="lowrank", lowrank_width=2), dict(fast_path="off", aggregator=robust.coordinate_median())):
     _assert_same(_rounds(ds, "pow2", cohort=8, mesh=mesh, **kw), _rounds(ds, "none", cohort=8, **kw))
   # Auto with plain SGD: short clients low-rank, long ones in densified blocks (lowrank.local_train_densified).
-  ds, kw = _data(dim=40), dict(fast_path="auto", client_opt=client_lib.sgd(0.1))
+  ds, kw = _data(dim=40), dict(fast_path="auto", client_opt=client_lib.sgd(0.1), hidden=(3,))
   calls = []
   densified = lowrank.local_train_densified
   monkeypatch.setattr(lowrank, "local_train_densified", lambda *a, **k: calls.append(1) or densified(*a, **k))
   sharded = _rounds(ds, "pow2", cohort=8, mesh=mesh, **kw)
   assert sharded[0].path == "plain+lowrank" and calls
-  _assert_same(sharded, _rounds(ds, "none", cohort=8, fast_path="off", client_opt=client_lib.sgd(0.1)))
+  _assert_same(sharded, _rounds(ds, "none", cohort=8, fast_path="off", client_opt=client_lib.sgd(0.1), hidden=(3,)))
 
 
 def test_gather_clamps_rows_past_the_arrays():

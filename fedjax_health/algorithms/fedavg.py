@@ -296,14 +296,14 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     fits in the table (``bucket_examples``)."""
     return gram is not None and bucket_examples(steps, slots) <= min(gram.shape[1], gram_rows)
 
-  def lowrank_contribution_fn(shared, per_client, length=None, slots=None):
+  def lowrank_contribution_fn(shared, per_client, length=None, slots=None, num_steps=None):
     params, arrays, gram, products = shared
     offset, pos, mask, _, _, _ = per_client
     # A bucket's clients are masked past `length` steps and, in a narrow bucket, past `slots` slots.
     pos, mask = pos[:length, :slots], mask[:length, :slots]
     use_table = uses_table(gram, pos.shape[0], pos.shape[1])
     kw = dict(learning_rate=client_opt.learning_rate, momentum=client_opt.momentum, prox_mu=prox_mu,
-              gram_x=lowrank_lib.slot_gram(gram, offset, pos) if use_table else None)
+              gram_x=lowrank_lib.slot_gram(gram, offset, pos) if use_table else None, num_steps=num_steps)
     if use_table and products is not None:
       # The first layer's x W from the round's products: no inputs gathered; the chunk scatters U
       # at the slots' rows (masked slots to a row past the buffer, dropped).
@@ -366,8 +366,12 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
           # the narrow buckets saved less (a 25-repeat A/B, 4 runs: 0-3.4% against 2-4%).
           wn = max(lowrank_at(1, nb, len(lengths)), min(w * -(-batch // nb), lowrank_at(1, nb)))
           buckets.append(step_buckets.Bucket(1, fn, wn, lowrank_chunk_sum, batch=nb, scatter=scatter(1, nb)))
-        fn = lambda pc, n=length: lowrank_contribution_fn(shared, pc, n)
-        buckets.append(step_buckets.Bucket(length, fn, w, lowrank_chunk_sum, scatter=scatter(length, batch)))
+        # Rolled buckets stop after their chunk's longest client (clients ordered by length).
+        rolled = length > lowrank_lib.MAX_STEPS
+        fn = (lambda pc, steps, n=length: lowrank_contribution_fn(shared, pc, n, num_steps=steps)) if rolled else (
+            lambda pc, n=length: lowrank_contribution_fn(shared, pc, n))
+        buckets.append(step_buckets.Bucket(length, fn, w, lowrank_chunk_sum, scatter=scatter(length, batch),
+                                           chunk_length=rolled))
       elif dynamic_dense:
         f = dynamic_client_fn if stacked else dynamic_contribution_fn
         buckets.append(step_buckets.Bucket(num_steps, lambda pc, n, f=f: f(shared, pc, n), dynamic=True))
