@@ -25,6 +25,13 @@ Clients too long for their factors to pay (``suitable`` is False) still train de
 plain SGD in blocks of ``DENSIFY_STEPS`` steps (``local_train_densified``): each block's factors are
 added to the weights once, instead of a pass over every weight per step.
 
+Later layers no larger than their factors (the MLP's 200x10 head) train as per-client dense weights
+inside ``local_train`` (``dense_layers``): only the first layer, whose weights dwarf a client's data,
+is factored. With plain SGD a step's factor ``U = -lr dL/dz`` never changes once taken, so the loops
+store it as it is, carry the bias deltas, and accumulate the delta's squared norm from each step's
+correction (``_sq_norm_increment``). Rolled buckets (more than ``MAX_STEPS`` steps) order their
+clients by length and run each chunk only to its longest client (``num_steps``).
+
 The input Gram matrices ``x x^T`` depend on the data alone. ``gram_table`` computes every small
 client's once (``fedavg.device_train_data(ds, gram_rows)``) and ``slot_gram`` looks a client's slots
 up: the batched ``[k*b, d] x [d, k*b]`` products ran at ~25 GFLOP/s, a tenth of a skewed round.
