@@ -121,13 +121,13 @@ def make_engine_round(model, ds, plan, width=1, lr=0.1, unroll=1, fast_path="off
   products per chunk, as before the round-wide GEMMs).
   ``densify_steps``: passed to ``fedavg`` (0: long plain-SGD clients train dense step by step; None:
   the default blocks).
-  ``narrow_buckets``: False compiles the round without the low-rank path's narrow one-step buckets
-  (``fedavg.NARROW_DIVISORS = ()`` while it compiles): every one-step client pays the whole batch.
+  ``narrow_buckets``: False builds the round without the low-rank path's narrow one-step buckets
+  (``fedavg(narrow_divisors=())``): every one-step client pays the whole batch.
   """
   alg = fa.fedavg(model, num_clients=ds.num_clients, cohort_size=cohort_size or ds.num_clients, plan=plan,
                   client_opt=client_lib.sgd(lr), clients_per_step=width, unroll=unroll, map_unroll=unroll,
                   fast_path=fast_path, lowrank_width=lowrank_width, first_layer_products=first_layer_products,
-                  densify_steps=densify_steps)
+                  densify_steps=densify_steps, narrow_divisors=None if narrow_buckets else ())
   state = alg.init(model.init(jax.random.key(0)))
   train = fa.device_train_data(ds, alg.gram_rows if gram_table else 0)
   round_fn = jax.jit(alg.round_fn)
@@ -137,14 +137,8 @@ def make_engine_round(model, ds, plan, width=1, lr=0.1, unroll=1, fast_path="off
     holder["state"], m = round_fn(holder["state"], train, jax.random.key(1))
     return holder["state"].params
 
-  divisors = fa.NARROW_DIVISORS
   t0 = time.perf_counter()
-  try:
-    if not narrow_buckets:
-      fa.NARROW_DIVISORS = ()
-    jax.block_until_ready(step())  # traces and compiles the round: later calls reuse it
-  finally:
-    fa.NARROW_DIVISORS = divisors
+  jax.block_until_ready(step())  # traces and compiles the round: later calls reuse it
   return step, time.perf_counter() - t0, alg.path
 
 

@@ -340,9 +340,11 @@ def test_narrow_one_step_buckets_equal_padded_plan(monkeypatch):
   narrow = rounds("pow2", fast_path="lowrank", lowrank_width=3)
   assert seen and seen[0][:3] == [(1, 2), (1, 4), (1, None)], seen
   _assert_same(narrow, rounds("none", fast_path="off"))
-  monkeypatch.setattr(fa, "NARROW_DIVISORS", ())
-  _assert_same(narrow, rounds("pow2", fast_path="lowrank", lowrank_width=3))
+  _assert_same(narrow, rounds("pow2", fast_path="lowrank", lowrank_width=3, narrow_divisors=()))
   assert seen[-1][0] == (1, None)
+  for bad in ((1,), 4, (2.0,), (True,)):
+    with pytest.raises(ValueError, match="narrow_divisors must be a tuple of ints >= 2"):
+      rounds("pow2", fast_path="lowrank", narrow_divisors=bad)
 
 
 def test_narrow_buckets_keep_clients_whose_slots_lie_past_them(monkeypatch):

@@ -108,7 +108,8 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
            map_unroll: int | bool = 1,
            plan_fn: Callable | None = None, fast_path: str = "auto",
            lowrank_width: int | None = None, weighting: str = "examples_used",
-           first_layer_products: bool | None = None, densify_steps: int | None = None) -> FederatedAlgorithm:
+           first_layer_products: bool | None = None, densify_steps: int | None = None,
+           narrow_divisors: tuple[int, ...] | None = None) -> FederatedAlgorithm:
   """Returns the FedAvg/FedProx/FedOpt algorithm for ``model``.
 
   Args:
@@ -149,6 +150,9 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     densify_steps: steps per densified block of the low-rank path's long plain-SGD clients
       (``lowrank.local_train_densified``); None: ``lowrank.DENSIFY_STEPS``; 0 trains them dense step
       by step (the same result to float rounding).
+    narrow_divisors: the low-rank path's narrow one-step buckets keep ``ceil(batch / d)`` slots per
+      divisor ``d`` (``narrow_batches``); None: ``NARROW_DIVISORS``; ``()`` builds none (every
+      one-step client pays the whole batch; the same result to float rounding).
   The client-map stage runs each client only for its own steps, bucketed by length
   (``step_buckets.py``; ``plan.step_buckets="none"``: padded to the longest); results are the same.
   """
@@ -176,6 +180,12 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     raise ValueError(f"lowrank_width must be >= 1, got {lowrank_width}")
   if first_layer_products not in (None, True, False):
     raise ValueError(f"first_layer_products must be None, True or False, got {first_layer_products!r}")
+  if narrow_divisors is None:
+    narrow_divisors = NARROW_DIVISORS
+  if not isinstance(narrow_divisors, (tuple, list)) or any(
+      isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 2 for d in narrow_divisors):
+    raise ValueError(f"narrow_divisors must be a tuple of ints >= 2 (() for no narrow buckets), got {narrow_divisors!r}")
+  narrow_divisors = tuple(int(d) for d in narrow_divisors)
   if densify_steps is None:
     densify_steps = lowrank_lib.DENSIFY_STEPS
   if isinstance(densify_steps, bool) or not isinstance(densify_steps, (int, np.integer)) or densify_steps < 0:
@@ -359,7 +369,7 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
         # Buckets whose clients read the round's first-layer products scatter their U into its buffer.
         scatter = lambda n, nb: (lowrank_scatter if shared[3] is not None and uses_table(shared[2], n, nb)
                                  else None)
-        for nb in narrow_batches(batch) if length == 1 else ():
+        for nb in narrow_batches(batch, narrow_divisors) if length == 1 else ():
           fn = lambda pc, nb=nb: lowrank_contribution_fn(shared, pc, 1, nb)
           # As many rows per chunk as the full bucket's (its clients times batch / nb), within the
           # factors' memory budget: at the full bucket's client count the GEMMs had fewer rows and
@@ -484,10 +494,10 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
 NARROW_DIVISORS = (4, 2)
 
 
-def narrow_batches(batch: int) -> tuple[int, ...]:
-  """Returns the narrow one-step buckets' batch widths: ``ceil(batch / d)`` per ``NARROW_DIVISORS``,
-  increasing, distinct and below ``batch``."""
-  return tuple(sorted({-(-batch // d) for d in NARROW_DIVISORS} - {batch}))
+def narrow_batches(batch: int, divisors: tuple[int, ...] | None = None) -> tuple[int, ...]:
+  """Returns the narrow one-step buckets' batch widths: ``ceil(batch / d)`` per divisor (default
+  ``NARROW_DIVISORS``), increasing, distinct and below ``batch``."""
+  return tuple(sorted({-(-batch // d) for d in (NARROW_DIVISORS if divisors is None else divisors)} - {batch}))
 
 
 GRAM_TABLE_BUDGET = 256 << 20  # bytes of input Gram table always allowed (device_train_data)
