@@ -364,7 +364,9 @@ def local_train(chain: DenseChain, params: Params, xs: jax.Array, ys: jax.Array,
       "loss": jnp.sum(losses * act_f) / jnp.maximum(jnp.sum(act_f), 1.0),
       "num_steps": jnp.sum(act_f).astype(jnp.int32),
       "num_examples": jnp.sum(mask).astype(jnp.float32),
-      "sq_norm": stacked_sq_norm(a, dw, db),
+      # A sum of increments (plain SGD) or of Gram products: rounding can leave a tiny negative value,
+      # whose square root would be NaN (the norm scales the client's contribution).
+      "sq_norm": jnp.maximum(stacked_sq_norm(a, dw, db), 0.0),
   }
   return factors, aux
 
@@ -548,7 +550,9 @@ def _local_train_rolled(chain: DenseChain, params: Params, xs, ys, mask, *, lear
       "loss": jnp.sum(losses * act_f) / jnp.maximum(jnp.sum(act_f), 1.0),
       "num_steps": jnp.sum(act_f).astype(jnp.int32),
       "num_examples": jnp.sum(mask).astype(jnp.float32),
-      "sq_norm": stacked_sq_norm(a, gs, hs, dw, db, sq),
+      # A sum of increments (plain SGD) or of Gram products: rounding can leave a tiny negative value,
+      # whose square root would be NaN (the norm scales the client's contribution).
+      "sq_norm": jnp.maximum(stacked_sq_norm(a, gs, hs, dw, db, sq), 0.0),
   }
   return factors, aux
 

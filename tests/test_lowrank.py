@@ -94,6 +94,21 @@ def test_mixed_factored_and_dense_layers_equal_dense_training(k, momentum, prox_
   assert lowrank.dense_layers(chain, params, 20, 4) == (False, True, True)  # 80 * (64 + 64) >= 64 * 64
 
 
+@pytest.mark.parametrize("k", [3, lowrank.MAX_STEPS + 2])
+def test_delta_norm_is_never_negative(k, monkeypatch):
+  """Plain SGD sums per-step increments of the squared norm (some negative): a rounding-negative
+  total is clamped at 0, since its square root (the client's norm) would be NaN."""
+  model = models.get_model("mlp", 3, (7,), hidden=(16,))
+  chain, params = lowrank.dense_chain(model), model.init(jax.random.key(0))
+  xs, ys, mask = _client_batch(k=k)
+  monkeypatch.setattr(lowrank, "_sq_norm_increment", lambda *a: jnp.float32(-1e6))  # a large negative sum
+  _, aux = lowrank.local_train(chain, params, xs, ys, mask, learning_rate=0.3)
+  assert float(aux["sq_norm"]) == 0.0
+  monkeypatch.setattr(lowrank, "_sq_norm_increment", lambda *a: jnp.float32(jnp.nan))
+  _, aux = lowrank.local_train(chain, params, xs, ys, mask, learning_rate=0.3)
+  assert np.isnan(float(aux["sq_norm"]))  # a non-finite norm still rejects the client
+
+
 def test_weighted_sum_equals_sum_of_dense_deltas():
   model = models.get_model("mlp", 3, (7,), hidden=(5,))
   chain = lowrank.dense_chain(model)
