@@ -151,6 +151,11 @@ class BatchPlanSpec:
   num_passes: int  # permutations drawn per client
   step_buckets: str = "pow2"  # "pow2": clients run their own steps (buckets); "pow2_static": no dynamic
   # trip counts (dense clients padded to their power-of-two bucket); "none": padded to the longest
+  # The permutations' sort: every client's first ``sort_prefix`` slots, and whole rows for the
+  # ``sort_large`` clients (of the dataset) holding more (0: whole rows for every client). See
+  # ``make_batch_plan``; ``create`` picks them from the sizes.
+  sort_prefix: int = 0
+  sort_large: int = 0
 
   @staticmethod
   def create(client_sizes: np.ndarray, batch_size: int, num_epochs: int | None = 1,
@@ -175,7 +180,21 @@ class BatchPlanSpec:
       nonzero = client_sizes[client_sizes > 0]
       min_n = int(np.min(nonzero)) if len(nonzero) else 1
       passes = max(1, min(max_passes, math.ceil(num_steps * batch_size / min_n)))
-    return BatchPlanSpec(batch_size, steps, num_epochs, max_n, passes, step_buckets)
+    prefix, large = _sort_prefix(np.asarray(client_sizes), max_n)
+    return BatchPlanSpec(batch_size, steps, num_epochs, max_n, passes, step_buckets, prefix, large)
+
+
+def _sort_prefix(sizes: np.ndarray, max_n: int) -> tuple[int, int]:
+  """Returns (prefix, clients holding more) minimising the sort's slots ``C * prefix + large * max_n``
+  over powers of two, or (0, 0) when whole rows for every client are not at least twice that."""
+  c = max(len(sizes), 1)
+  best = (c * max_n, 0, 0)
+  p = 8
+  while p * 4 <= max_n:
+    large = int(np.sum(sizes > p))
+    best = min(best, (c * p + large * max_n, p, large))
+    p *= 2
+  return (best[1], best[2]) if 2 * best[0] <= c * max_n else (0, 0)
 
 
 _UNIFORM_BITS = 23  # jax.random.uniform's float32 values in [0, 1) are multiples of 2**-23
@@ -241,15 +260,28 @@ def make_batch_plan(rng: jax.Array, sizes: jax.Array, spec: BatchPlanSpec) -> tu
 
   idx_bits = max(1, (spec.max_client_size - 1).bit_length())
 
-  def perms_one(key, n_c):
-    u = jax.random.uniform(key, (spec.num_passes, spec.max_client_size))
-    valid = jnp.arange(spec.max_client_size)[None, :] < n_c
+  def perms_rows(u, n_rows):  # sorted slots of each row of u [R, P, W] (W <= max_n)
+    valid = jnp.arange(u.shape[-1])[None, None, :] < n_rows[:, None, None]
     if idx_bits <= _MAX_PACKED_INDEX_BITS:
       return _packed_argsort(u, valid, idx_bits)
-    u = jnp.where(valid, u, 2.0)  # invalid slots sort last
-    return jnp.argsort(u, axis=-1).astype(jnp.int32)
+    return jnp.argsort(jnp.where(valid, u, 2.0), axis=-1).astype(jnp.int32)  # invalid slots sort last
 
-  perms = jax.vmap(perms_one)(keys, n)  # [C, P, max_n]
+  us = jax.vmap(lambda key: jax.random.uniform(key, (spec.num_passes, spec.max_client_size)))(keys)
+  prefix, large = spec.sort_prefix, min(spec.sort_large, cohort)
+  if prefix and cohort * prefix + large * spec.max_client_size < cohort * spec.max_client_size // 2:
+    # A client of at most `prefix` examples reads only its first `prefix` slots, whose sorted order
+    # (valid slots first) is the whole row's; the `large` longest clients sort their whole rows. A
+    # cohort with more clients past `prefix` (sizes not from the dataset the spec was made for, a
+    # client drawn twice) sorts every row whole. Same permutations either way.
+    def split(us):
+      big = jax.lax.top_k(n, large)[1] if large else jnp.zeros((0,), jnp.int32)
+      small = perms_rows(us[..., :prefix], n)
+      out = jnp.pad(small, ((0, 0), (0, 0), (0, spec.max_client_size - prefix)))
+      return out.at[big].set(perms_rows(us[big], n[big])) if large else out
+
+    perms = jax.lax.cond(jnp.sum(n > prefix) <= large, split, lambda us: perms_rows(us, n), us)
+  else:
+    perms = perms_rows(us, n)  # [C, P, max_n]
   slots = jnp.arange(spec.num_steps * spec.batch_size, dtype=jnp.int32)  # [S*B]
   n_safe = jnp.maximum(n, 1)[:, None]
   pass_idx = (slots[None, :] // n_safe) % spec.num_passes

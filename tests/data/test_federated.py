@@ -112,3 +112,25 @@ def test_packed_argsort_with_truncated_keys_is_the_stable_argsort(n, idx_bits):
   valid = jnp.arange(n)[None, None, :] < jnp.asarray(rng.integers(0, n + 1, 6))[:, None, None]
   got = fed._packed_argsort(u, valid, idx_bits)
   np.testing.assert_array_equal(got, jnp.argsort(jnp.where(valid, u, 2.0), axis=-1, stable=True))
+
+
+@pytest.mark.parametrize("epochs,steps", [(1, None), (3, None), (None, 40)])
+def test_plan_sorting_prefixes_equals_whole_rows(epochs, steps):
+  """A heavy-tailed spec sorts each client's first ``sort_prefix`` slots and whole rows only for the
+  ``sort_large`` longest clients: the same plan as sorting every row whole, also for a cohort with
+  more long clients than the spec counts (a client drawn twice: the whole-row fallback)."""
+  import dataclasses
+  sizes = np.concatenate([np.full(60, 3), np.arange(1, 30), [200, 300, 450]])
+  spec = BatchPlanSpec.create(sizes, 4, num_epochs=epochs, num_steps=steps)
+  assert spec.sort_prefix and spec.sort_large == int(np.sum(sizes > spec.sort_prefix)) > 0
+  whole = dataclasses.replace(spec, sort_prefix=0, sort_large=0)
+  plan = jax.jit(make_batch_plan, static_argnums=2)
+  last = len(sizes) - 1
+  cohorts = [np.arange(len(sizes)), np.r_[np.arange(last - 2), [last] * 4]]  # 4 long clients, 3 counted
+  for cohort in cohorts:
+    for k in range(2):
+      got = plan(jax.random.key(k), jnp.asarray(sizes[cohort]), spec)
+      ref = plan(jax.random.key(k), jnp.asarray(sizes[cohort]), whole)
+      np.testing.assert_array_equal(got[0], ref[0])
+      np.testing.assert_array_equal(got[1], ref[1])
+  assert BatchPlanSpec.create(np.full(10, 5), 4).sort_prefix == 0  # equal sizes: whole rows
