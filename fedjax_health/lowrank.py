@@ -272,11 +272,10 @@ def local_train(chain: DenseChain, params: Params, xs: jax.Array, ys: jax.Array,
   vw = _zero_tail(wb, dense, z0)  # and its momentum
 
   def flat_u(coef, g):  # [t*b, d_out]: the first t steps' U
-    g = jnp.stack(g).reshape(-1, g[0].shape[-1])
-    return g if plain else jnp.repeat(coef, b)[:, None] * g
+    return _scaled(plain, coef, jnp.stack(g).reshape(-1, g[0].shape[-1]), b)
 
   def bias_delta(coef, g, db):
-    return db if plain else jnp.sum(flat_u(coef, g), axis=0)
+    return _bias_delta(plain, coef, jnp.stack(g).reshape(-1, g[0].shape[-1]), b, db)
 
   def stacked_sq_norm(coef, dw, db):
     total = 0.0
@@ -306,7 +305,7 @@ def local_train(chain: DenseChain, params: Params, xs: jax.Array, ys: jax.Array,
       for l, (w, bias) in enumerate(wb):
         if dense[l]:
           inputs.append(h)
-          z = h @ (w + dw[l][0]) + (bias + dw[l][1]) + eps[l]
+          z = _dense_forward(h, w, bias, dw[l], eps[l])
           h = act(z) if l < n_layers - 1 else z
           continue
         if l == 0:
@@ -359,16 +358,7 @@ def local_train(chain: DenseChain, params: Params, xs: jax.Array, ys: jax.Array,
       continue
     u = flat_u(a, gs[l]).reshape(k, b, -1)
     factors.append((_first_layer_h(x, k, b) if l == 0 else jnp.stack(hs[l]), u, bias_delta(a, gs[l], db[l])))
-  losses, act_f = jnp.stack(losses), jnp.stack(actives).astype(z0.dtype)
-  aux = {
-      "loss": jnp.sum(losses * act_f) / jnp.maximum(jnp.sum(act_f), 1.0),
-      "num_steps": jnp.sum(act_f).astype(jnp.int32),
-      "num_examples": jnp.sum(mask).astype(jnp.float32),
-      # A sum of increments (plain SGD) or of Gram products: rounding can leave a tiny negative value,
-      # whose square root would be NaN (the norm scales the client's contribution).
-      "sq_norm": jnp.maximum(stacked_sq_norm(a, dw, db), 0.0),
-  }
-  return factors, aux
+  return factors, _aux(jnp.stack(losses), jnp.stack(actives), mask, stacked_sq_norm(a, dw, db))
 
 
 def _sq_norm_increment(u_t: jax.Array, corr: jax.Array | None, gram_tt: jax.Array) -> jax.Array:
@@ -381,6 +371,34 @@ def _sq_norm_increment(u_t: jax.Array, corr: jax.Array | None, gram_tt: jax.Arra
   """
   inc = jnp.sum(gram_tt * (u_t @ u_t.T))
   return inc if corr is None else inc + 2.0 * jnp.sum(u_t * corr)
+
+
+def _scaled(plain: bool, coef: jax.Array, u: jax.Array, b: int) -> jax.Array:
+  """A factored layer's ``U`` from its ``[t*b, d]`` buffer: as stored for plain SGD, else each step's
+  ``dL/dz`` times its coefficient."""
+  return u if plain else jnp.repeat(coef, b)[:, None] * u
+
+
+def _bias_delta(plain: bool, coef: jax.Array, u: jax.Array, b: int, carried: jax.Array) -> jax.Array:
+  """A factored layer's bias delta: carried for plain SGD, else the sum of its ``U``."""
+  return carried if plain else jnp.sum(_scaled(plain, coef, u, b), axis=0)
+
+
+def _dense_forward(h, w, bias, dwb, eps):
+  """A layer trained dense: its pre-activation with the client's weights ``W + dW``, ``b + db``."""
+  return h @ (w + dwb[0]) + (bias + dwb[1]) + eps
+
+
+def _aux(losses, actives, mask, sq_norm) -> dict:
+  act_f = actives.astype(losses.dtype)
+  return {
+      "loss": jnp.sum(losses * act_f) / jnp.maximum(jnp.sum(act_f), 1.0),
+      "num_steps": jnp.sum(act_f).astype(jnp.int32),
+      "num_examples": jnp.sum(mask).astype(jnp.float32),
+      # A sum of increments (plain SGD) or of Gram products: rounding can leave a tiny negative value,
+      # whose square root would be NaN (the norm scales the client's contribution).
+      "sq_norm": jnp.maximum(sq_norm, 0.0),
+  }
 
 
 def _zero_tail(wb, dense, like):
@@ -459,10 +477,10 @@ def _local_train_rolled(chain: DenseChain, params: Params, xs, ys, mask, *, lear
   db0 = [None if d else jnp.zeros_like(z0, shape=bias.shape) for (_, bias), d in zip(wb, dense)]
 
   def scaled(coef, g):
-    return g if plain else jnp.repeat(coef, b)[:, None] * g
+    return _scaled(plain, coef, g, b)
 
   def bias_delta(coef, g, db):
-    return db if plain else jnp.sum(scaled(coef, g), axis=0)
+    return _bias_delta(plain, coef, g, b, db)
 
   def stacked_sq_norm(coef, gs, hs, dw, db, sq):
     total = 0.0
@@ -487,7 +505,7 @@ def _local_train_rolled(chain: DenseChain, params: Params, xs, ys, mask, *, lear
       for l, (w, bias) in enumerate(wb):
         if dense[l]:
           inputs.append(h)
-          z = h @ (w + dw[l][0]) + (bias + dw[l][1]) + eps[l]
+          z = _dense_forward(h, w, bias, dw[l], eps[l])
           h = act(z) if l < n_layers - 1 else z
           continue
         if l == 0:
@@ -545,16 +563,7 @@ def _local_train_rolled(chain: DenseChain, params: Params, xs, ys, mask, *, lear
     u = scaled(a, gs[l])
     h = _first_layer_h(x, k, b) if l == 0 else hs[l - 1].reshape(k, b, -1)
     factors.append((h, u.reshape(k, b, -1), bias_delta(a, gs[l], db[l])))
-  act_f = actives.astype(z0.dtype)
-  aux = {
-      "loss": jnp.sum(losses * act_f) / jnp.maximum(jnp.sum(act_f), 1.0),
-      "num_steps": jnp.sum(act_f).astype(jnp.int32),
-      "num_examples": jnp.sum(mask).astype(jnp.float32),
-      # A sum of increments (plain SGD) or of Gram products: rounding can leave a tiny negative value,
-      # whose square root would be NaN (the norm scales the client's contribution).
-      "sq_norm": jnp.maximum(stacked_sq_norm(a, gs, hs, dw, db, sq), 0.0),
-  }
-  return factors, aux
+  return factors, _aux(losses, actives, mask, stacked_sq_norm(a, gs, hs, dw, db, sq))
 
 
 def weighted_sum(chain: DenseChain, factors, weights: jax.Array) -> Params:

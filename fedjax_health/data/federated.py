@@ -254,6 +254,9 @@ def make_batch_plan(rng: jax.Array, sizes: jax.Array, spec: BatchPlanSpec) -> tu
   Positions are local (0..n_c-1); add the client's offset to index the flat arrays. Each pass over
   a client's data is an independent uniform permutation; masked slots point at position 0.
   """
+  if not 0 <= spec.sort_prefix <= spec.max_client_size or spec.sort_large < 0:
+    raise ValueError(f"BatchPlanSpec.sort_prefix must be in [0, max_client_size={spec.max_client_size}] and "
+                     f"sort_large >= 0, got {spec.sort_prefix} and {spec.sort_large} (BatchPlanSpec.create picks them)")
   cohort = sizes.shape[0]
   n = sizes.astype(jnp.int32)
   keys = jax.random.split(rng, cohort)

@@ -134,3 +134,6 @@ def test_plan_sorting_prefixes_equals_whole_rows(epochs, steps):
       np.testing.assert_array_equal(got[0], ref[0])
       np.testing.assert_array_equal(got[1], ref[1])
   assert BatchPlanSpec.create(np.full(10, 5), 4).sort_prefix == 0  # equal sizes: whole rows
+  for bad in (dict(sort_prefix=spec.max_client_size + 1), dict(sort_prefix=-1), dict(sort_large=-2)):
+    with pytest.raises(ValueError, match="BatchPlanSpec.sort_prefix must be in"):
+      make_batch_plan(jax.random.key(0), jnp.asarray(sizes), dataclasses.replace(spec, **bad))
