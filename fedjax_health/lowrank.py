@@ -410,6 +410,25 @@ def _dense_sq_norm(dwb) -> jax.Array:
   return jnp.sum(jnp.square(dwb[0])) + jnp.sum(jnp.square(dwb[1]))
 
 
+# Batches up to this size form a dense layer's gradient h^T g as an unrolled sum of outer products.
+OUTER_SUM_MAX_BATCH = 64
+
+
+def _outer_sum(h: jax.Array, g: jax.Array) -> jax.Array:
+  """Returns ``h^T g`` (``[b, d_in] x [b, d_out] -> [d_in, d_out]``) for a chunk's vmapped clients.
+
+  Batched over a chunk, XLA CPU ran the contraction over ``b`` as a batched product (Eigen), or the
+  broadcast product reduced over ``b`` as one fusion, at 2-3 GFLOP/s for these blocks; unrolled over
+  ``b``, the outer products fuse into one elementwise loop. Measured (2-core AVX-512 CPU, per call,
+  ``[w, b, 200] x [w, b, o]``): w=19, b=10, o=10: reduced 126 us, einsum 162, unrolled 25; o=50:
+  624 / 348 / 57; w=8, b=32, o=10: 165 / 65 / 48; b=64: 171 / 128 / 104. Larger batches contract.
+  """
+  b = h.shape[0]
+  if b > OUTER_SUM_MAX_BATCH:
+    return h.T @ g
+  return sum(h[i][:, None] * g[i][None, :] for i in range(b))
+
+
 def _dense_tail_step(dense, dw, vw, inputs, grads, active, learning_rate, momentum, prox_mu):
   """One SGD step (heavy-ball momentum, proximal pull ``prox_mu * delta``) of the dense layers' deltas;
   ``inputs[l - 1]`` is layer l's input, ``grads[l]`` dL/dz at its output. Inactive steps change nothing."""
@@ -417,9 +436,7 @@ def _dense_tail_step(dense, dw, vw, inputs, grads, active, learning_rate, moment
   for l, d in enumerate(dense):
     if not d:
       continue
-    # sum of outer products, not h^T g: batched over a chunk, XLA ran the contraction over the batch
-    # axis as a generic (Eigen) batched product, ~5x slower for these [b, d_in] x [b, d_out] blocks.
-    g = (jnp.sum(inputs[l - 1][:, :, None] * grads[l][:, None, :], axis=0), jnp.sum(grads[l], axis=0))
+    g = (_outer_sum(inputs[l - 1], grads[l]), jnp.sum(grads[l], axis=0))
     v = tuple(momentum * vi + gi + prox_mu * di for vi, gi, di in zip(vw[l], g, dw[l]))
     new_vw[l] = tuple(jnp.where(active, n, o) for n, o in zip(v, vw[l]))
     new_dw[l] = tuple(jnp.where(active, di - learning_rate * vi, di) for di, vi in zip(dw[l], v))

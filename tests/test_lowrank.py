@@ -109,6 +109,17 @@ def test_delta_norm_is_never_negative(k, monkeypatch):
   assert np.isnan(float(aux["sq_norm"]))  # a non-finite norm still rejects the client
 
 
+@pytest.mark.parametrize("b", [1, 10, lowrank.OUTER_SUM_MAX_BATCH + 1])
+def test_outer_sum_equals_contraction(b):
+  """A dense layer's gradient h^T g, unrolled over the batch (or contracted past the unroll limit),
+  for one client and vmapped over a chunk of them."""
+  rng = np.random.default_rng(b)
+  h, g = rng.normal(size=(3, b, 6)).astype(np.float32), rng.normal(size=(3, b, 4)).astype(np.float32)
+  expected = np.einsum("kbi,kbo->kio", h, g)
+  np.testing.assert_allclose(lowrank._outer_sum(h[0], g[0]), expected[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jax.vmap(lowrank._outer_sum)(h, g), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_weighted_sum_equals_sum_of_dense_deltas():
   model = models.get_model("mlp", 3, (7,), hidden=(5,))
   chain = lowrank.dense_chain(model)
