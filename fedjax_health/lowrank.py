@@ -437,8 +437,11 @@ def _dense_tail_step(dense, dw, vw, inputs, grads, active, learning_rate, moment
     if not d:
       continue
     g = (_outer_sum(inputs[l - 1], grads[l]), jnp.sum(grads[l], axis=0))
-    v = tuple(momentum * vi + gi + prox_mu * di for vi, gi, di in zip(vw[l], g, dw[l]))
-    new_vw[l] = tuple(jnp.where(active, n, o) for n, o in zip(v, vw[l]))
+    if momentum:
+      v = tuple(momentum * vi + gi + prox_mu * di for vi, gi, di in zip(vw[l], g, dw[l]))
+      new_vw[l] = tuple(jnp.where(active, n, o) for n, o in zip(v, vw[l]))
+    else:  # no velocity to carry (0 * v is not folded away: it would keep every step's v live)
+      v = tuple(gi + prox_mu * di for gi, di in zip(g, dw[l])) if prox_mu else g
     new_dw[l] = tuple(jnp.where(active, di - learning_rate * vi, di) for di, vi in zip(dw[l], v))
   return new_dw, new_vw
 
