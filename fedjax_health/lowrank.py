@@ -217,6 +217,8 @@ def dense_layers(chain: DenseChain, params: Params, steps: int, batch: int) -> t
 
 
 def _tail_mask(chain, params, k, b, dense_tail):
+  if dense_tail is not None and not isinstance(dense_tail, (bool, np.bool_)):
+    raise ValueError(f"dense_tail must be None, True or False, got {dense_tail!r}")
   if dense_tail is None:
     return dense_layers(chain, params, k, b)
   return tuple(bool(dense_tail) and i > 0 for i in range(len(chain.layers)))

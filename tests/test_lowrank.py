@@ -109,6 +109,15 @@ def test_delta_norm_is_never_negative(k, monkeypatch):
   assert np.isnan(float(aux["sq_norm"]))  # a non-finite norm still rejects the client
 
 
+@pytest.mark.parametrize("dense_tail", ["yes", 1, jnp.asarray(True)])
+def test_local_train_refuses_a_dense_tail_that_is_not_a_bool(dense_tail):
+  model = models.get_model("mlp", 3, (7,), hidden=(16,))
+  xs, ys, mask = _client_batch(k=2)
+  with pytest.raises(ValueError, match="dense_tail must be None, True or False, got"):
+    lowrank.local_train(lowrank.dense_chain(model), model.init(jax.random.key(0)), xs, ys, mask,
+                        learning_rate=0.1, dense_tail=dense_tail)
+
+
 @pytest.mark.parametrize("b", [1, 10, lowrank.OUTER_SUM_MAX_BATCH + 1])
 def test_outer_sum_equals_contraction(b):
   """A dense layer's gradient h^T g, unrolled over the batch (or contracted past the unroll limit),
@@ -198,7 +207,7 @@ def test_round_equals_plain_path(setting):
 
 
 @pytest.mark.parametrize("setting", [dict(), dict(width=4, prox_mu=0.3, momentum=0.5, server="adam")])
-def test_round_with_gram_table_equals_plain_path(setting):
+def test_round_with_gram_table_equals_plain_path(setting, monkeypatch):
   ds = _data()
   _, alg, _ = _round_fn("lowrank", ds.client_sizes, ds.x.shape[1], cohort=6, width=setting.get("width"),
                         server=setting.get("server", "sgd"), momentum=setting.get("momentum", 0.0),
@@ -207,7 +216,12 @@ def test_round_with_gram_table_equals_plain_path(setting):
   assert alg.gram_rows == alg.plan.num_steps * alg.plan.batch_size // 2 == 9 == max(ds.client_sizes)
   with_table = _run("lowrank", ds, gram=True, **setting)
   _assert_same_rounds(with_table, _run("off", ds, **setting))
-  # The round reads the table: corrupted entries change it.
+  # Entries corrupted off the fixed probe's rows: the round's random entries catch them; with the
+  # checks off, the round reads the table (its result changes).
+  with pytest.raises(Exception, match=r"train\['gram'\] does not match"):
+    jax.block_until_ready(_run("lowrank", ds, gram=True, corrupt_gram=True, **setting))
+  monkeypatch.setattr(fa, "_check_gram_probe", lambda *a: None)
+  monkeypatch.setitem(globals(), "_ROUND_FNS", {})  # traced again, without the checks
   corrupted = _run("lowrank", ds, gram=True, corrupt_gram=True, **setting)
   assert not np.allclose(jax.tree.leaves(corrupted[0].params)[0], jax.tree.leaves(with_table[0].params)[0], atol=1e-4)
 
@@ -699,3 +713,45 @@ def test_round_checks_the_gram_table_against_its_inputs():
   assert int(np.asarray(bad[fa.GRAM_PROBE])[0, 0]) == 0 and not np.isfinite(np.asarray(bad["gram"])[0, 0])
   _, metrics = round_fn(state, bad, jax.random.key(0))
   assert int(metrics["num_nonfinite"]) == 1
+
+
+def test_random_gram_entries_are_pairs_of_one_covered_clients_examples():
+  """The round's random probe picks entries of the table's clients only (a client past the table's
+  width or without examples never), pairs of one client's examples, whose values are their inner products."""
+  ds = _mixed_data()
+  _, alg = _mixed_run(ds, None, trace_only=True)
+  train = fa.device_train_data(ds, alg.gram_rows)
+  gram, offsets, sizes = (np.asarray(train[k]) for k in ("gram", "offsets", "sizes"))
+  cohort = jnp.arange(ds.num_clients)
+  rows, cols, partners, valid = (np.asarray(a) for a in fa._random_gram_entries(
+      jax.random.key(3), train["gram"], train["offsets"], train["sizes"], cohort, num=400))
+  client = np.searchsorted(np.sort(offsets[:-1]), rows, "right") - 1
+  client = np.argsort(offsets[:-1], kind="stable")[client]
+  covered = (sizes > 0) & (sizes <= gram.shape[1])
+  np.testing.assert_array_equal(valid, covered[client] & valid)
+  assert set(np.unique(client[valid])) == set(np.flatnonzero(covered))  # 400 draws reach every covered client
+  assert not np.any(valid & ~covered[client])
+  v = valid
+  np.testing.assert_array_equal(partners[v] - offsets[client[v]], cols[v])
+  assert np.all((cols[v] < sizes[client[v]]) & (rows[v] - offsets[client[v]] < sizes[client[v]]))
+  x = np.asarray(train["arrays"]["x"])
+  np.testing.assert_allclose(gram[rows[v], cols[v]], np.sum(x[rows[v]] * x[partners[v]], 1), rtol=1e-4, atol=1e-4)
+  assert len(np.unique(cols[v] != rows[v] - offsets[client[v]])) == 2  # off-diagonal entries and diagonal ones
+
+
+def test_round_catches_inputs_changed_off_the_fixed_probe_rows():
+  """Inputs changed after device_train_data on every row the fixed probe does not read pass the
+  fixed probe; the round's random entries catch them."""
+  ds = _mixed_data()
+  (_, _), alg = _mixed_run(ds, None, rounds=1)
+  model = models.get_model("mlp", 3, (ds.x.shape[1],), hidden=(8,))
+  state = alg.init(model.init(jax.random.key(0)))
+  train = fa.device_train_data(ds, alg.gram_rows)
+  probe_rows = np.asarray(train[fa.GRAM_PROBE])[0]
+  scale = np.full((train["arrays"]["x"].shape[0], 1), 1.5, np.float32)
+  scale[probe_rows] = 1.0
+  changed = {**train, "arrays": {**train["arrays"], "x": train["arrays"]["x"] * scale}}
+  round_fn = jax.jit(alg.round_fn)
+  jax.block_until_ready(round_fn(state, train, jax.random.key(0)))
+  with pytest.raises(Exception, match=r"train\['gram'\] does not match train\['arrays'\]\['x'\] at row \d+, column"):
+    jax.block_until_ready(round_fn(state, changed, jax.random.key(0)))

@@ -452,7 +452,10 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
         raise ValueError(f"train[{GRAM_PROBE!r}] must be device_train_data's [2, P] int rows and columns of "
                          f"the Gram table, got {None if probe is None else (jnp.shape(probe), jnp.result_type(probe))}"
                          ": build train['gram'] and it with device_train_data")
-      _check_gram_probe(gram, train["arrays"]["x"], probe)
+      # The fixed probe's diagonal entries and random entries of this round's clients.
+      entries = _random_gram_entries(jax.random.fold_in(k_cohort, 1), gram, train["offsets"], train["sizes"], cohort)
+      fixed = (probe[0], probe[1], probe[0], jnp.ones(probe.shape[1], bool))
+      _check_gram_probe(gram, train["arrays"]["x"], *(jnp.concatenate(p) for p in zip(fixed, entries)))
     products = None
     # Only over inputs device_train_data found finite: a rejected client's zero rows of the U buffer
     # times an inf input would make the kernel's sum NaN (lowrank.first_layer_delta).
@@ -517,27 +520,49 @@ GRAM_PROBE = "gram_probe"
 GRAM_PROBE_ROWS = 16
 
 
-def _check_gram_probe(gram: jax.Array, x: jax.Array, probe: jax.Array) -> None:
-  """Raises (when the round runs) if the Gram table's probed diagonal entries are not its inputs'
-  squared norms: a table built from other inputs, or inputs changed after device_train_data (e.g.
-  normalised), would otherwise give wrong corrections silently. Costs ``P`` rows' sums per round."""
-  rows, cols = probe[0], probe[1]
-  xr = jnp.take(x, rows, axis=0).reshape(rows.shape[0], -1).astype(jnp.float32)
-  sq = jnp.sum(jnp.square(xr), axis=1)
-  table = gram[rows, cols].astype(jnp.float32)
-  both_finite = jnp.isfinite(sq) & jnp.isfinite(table)
-  off = jnp.where(both_finite, jnp.abs(table - sq) > 1e-3 * jnp.abs(sq) + 1e-5,
-                  jnp.isfinite(sq) != jnp.isfinite(table))
+def _random_gram_entries(key: jax.Array, gram: jax.Array, offsets: jax.Array, sizes: jax.Array,
+                         cohort: jax.Array, num: int | None = None):
+  """Returns ``num`` (default ``GRAM_PROBE_ROWS``) random entries of the Gram table for ``_check_gram_probe``:
+  rows, columns, the partner rows whose inner products they hold, and whether each is in the table.
 
-  def fail(off, rows):
+  Each entry is a random pair of examples of a random client of the cohort: over rounds the checks
+  reach every client the table covers and its off-diagonal entries, which the fixed probe
+  (``GRAM_PROBE``) never reads (e.g. inputs changed after ``device_train_data`` for some clients only).
+  """
+  num = GRAM_PROBE_ROWS if num is None else num
+  kc, ki, kj = jax.random.split(key, 3)
+  c = cohort[jax.random.randint(kc, (num,), 0, cohort.shape[0])]
+  n, start = sizes[c], offsets[c]
+  valid = (n > 0) & (n <= gram.shape[1]) & (start >= 0) & (start + n <= gram.shape[0])
+  i, j = (jnp.minimum(jnp.floor(jax.random.uniform(k, (num,)) * n), n - 1).astype(jnp.int32) for k in (ki, kj))
+  rows, cols, partners = (jnp.where(valid, v, 0) for v in (start + i, j, start + j))
+  return rows, cols, partners, valid
+
+
+def _check_gram_probe(gram: jax.Array, x: jax.Array, rows: jax.Array, cols: jax.Array, partners: jax.Array,
+                      valid: jax.Array) -> None:
+  """Raises (when the round runs) if a probed entry ``gram[rows, cols]`` is not ``<x[rows], x[partners]>``:
+  a table built from other inputs, or inputs changed after device_train_data (e.g. normalised), would
+  otherwise give wrong corrections silently. Entries with ``valid`` False are skipped. Costs a few
+  dozen rows' products per round (the fixed probe's diagonal entries and ``_random_gram_entries``)."""
+  xr, xp = (jnp.take(x, r, axis=0).reshape(r.shape[0], -1).astype(jnp.float32) for r in (rows, partners))
+  dots = jnp.sum(xr * xp, axis=1)
+  scale = jnp.sqrt(jnp.sum(jnp.square(xr), axis=1) * jnp.sum(jnp.square(xp), axis=1))
+  table = gram[rows, cols].astype(jnp.float32)
+  both_finite = jnp.isfinite(dots) & jnp.isfinite(table) & jnp.isfinite(scale)
+  off = valid & jnp.where(both_finite, jnp.abs(table - dots) > 1e-3 * scale + 1e-5,
+                          jnp.isfinite(dots) != jnp.isfinite(table))
+
+  def fail(off, rows, cols):
     if np.any(off):
-      r = int(np.asarray(rows)[np.argmax(off)])
-      raise ValueError(f"train['gram'] does not match train['arrays']['x'] at row {r} (its diagonal entry is not "
-                       "the row's squared norm): build train with device_train_data from the inputs the round "
-                       "reads, after any change to them")
+      e = int(np.argmax(off))
+      r, col = int(np.asarray(rows)[e]), int(np.asarray(cols)[e])
+      raise ValueError(f"train['gram'] does not match train['arrays']['x'] at row {r}, column {col} (not the "
+                       "inner product of the inputs it stands for): build train with device_train_data from the "
+                       "inputs the round reads, after any change to them")
 
   # The host callback only where a probe is off (a callback every round cost ~2% of the sigma 1 round).
-  jax.lax.cond(jnp.any(off), lambda: jax.debug.callback(fail, off, rows), lambda: None)
+  jax.lax.cond(jnp.any(off), lambda: jax.debug.callback(fail, off, rows, cols), lambda: None)
 
 
 def _use_lowrank(fast_path: str, chain, model, shapes, plan: BatchPlanSpec, **setting) -> bool:
