@@ -615,12 +615,16 @@ def first_layer_products(x: jax.Array, kernel: jax.Array, rows: int | None = Non
   replaces the per-chunk products over padded slots (``local_train(..., xw=...)``). It runs in
   blocks of ``block`` rows: on a 2-core CPU, 11,926 of 20,000 MNIST-sized rows took 40 ms in blocks
   of 1,024 against 61 ms as one product of the sliced rows (XLA copied the slice first). ``block``
-  defaults to ``PRODUCT_BLOCK_ROWS``.
+  defaults to ``PRODUCT_BLOCK_ROWS``. Every row (``rows`` = all of ``x``'s) is one product, with no
+  slice to copy and no output to assemble (rounds whose table covers every client, paired against the
+  blocks, with ``first_layer_delta`` alike: 100 clients 0.955 and 0.965, 300 clients 0.941, W1 0.966).
   """
   x = x.reshape(x.shape[0], -1)
   rows = x.shape[0] if rows is None else rows
   if not 0 <= rows <= x.shape[0]:
     raise ValueError(f"rows must be in [0, {x.shape[0]}], got {rows}")
+  if rows == x.shape[0]:
+    return x.astype(kernel.dtype) @ kernel
 
   def step(out, start, size):
     xb = jax.lax.dynamic_slice_in_dim(x, start, size).astype(kernel.dtype)
@@ -665,6 +669,8 @@ def first_layer_delta(x: jax.Array, buf: jax.Array, block: int | None = None) ->
   rows = buf.shape[0]
   if rows > x.shape[0]:
     raise ValueError(f"buf has {rows} rows, x only {x.shape[0]}")
+  if rows == x.shape[0]:  # every row: one product (first_layer_products)
+    return jax.lax.dot_general(x.astype(buf.dtype), buf, (((0,), (0,)), ((), ())))
 
   def step(acc, start, size):
     xb = jax.lax.dynamic_slice_in_dim(x, start, size).astype(buf.dtype)

@@ -477,7 +477,10 @@ def test_scattered_first_layer_equals_weighted_sum():
   padded = np.concatenate([data, np.ones((3, 7), np.float32)])  # rows past the buffer's are not read
   for block in (None, 4, 7, 18):  # one partial block; full blocks and a rest; full blocks only
     np.testing.assert_allclose(lowrank.first_layer_delta(jnp.asarray(padded), buf, block), expected, atol=1e-5)
-    for n in (18, 5, 0):
+    # every row of x (one product; the buffer's extra rows zero)
+    np.testing.assert_allclose(lowrank.first_layer_delta(jnp.asarray(padded), jnp.pad(buf, ((0, 3), (0, 0))), block),
+                               expected, atol=1e-5)
+    for n in (21, 18, 5, 0):
       np.testing.assert_allclose(lowrank.first_layer_products(jnp.asarray(padded), params["body_0"]["kernel"], n, block),
                                  padded[:n] @ params["body_0"]["kernel"], atol=1e-5)
   with pytest.raises(ValueError, match="rows must be in"):
