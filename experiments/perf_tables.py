@@ -2,7 +2,8 @@
 
 ``docs/perf_compare.json`` comes from ``python -m benchmarks.compare``; ``docs/perf_scale.json``
 from ``python -m benchmarks.scale``; ``docs/perf_skew.json`` from ``python -m benchmarks.skew``;
-``docs/perf_small_gemm.json`` from ``python -m benchmarks.small_gemm``.
+``docs/perf_small_gemm.json`` from ``python -m benchmarks.small_gemm``; ``docs/perf_host_threads.json``
+from ``python -m benchmarks.host_threads``.
 Nothing here measures anything.
 """
 
@@ -18,6 +19,7 @@ COMPARE = os.path.join(ROOT, "docs", "perf_compare.json")
 SCALE = os.path.join(ROOT, "docs", "perf_scale.json")
 SKEW = os.path.join(ROOT, "docs", "perf_skew.json")
 SMALL_GEMM = os.path.join(ROOT, "docs", "perf_small_gemm.json")
+HOST_THREADS = os.path.join(ROOT, "docs", "perf_host_threads.json")
 # Workload definitions (benchmarks/baselines/workloads.py), not measurements.
 WORKLOADS = {"w1": "W1: 1000 clients x 20 ex., batch 10, MLP 784-200-10",
              "cnn": "CNN: 20 clients x 5 steps of 10, EMNIST CNN 28x28"}
@@ -176,6 +178,23 @@ def render_small_gemm() -> str:
   return "\n".join(lines)
 
 
+def render_host_threads() -> str:
+  """One row per population of ``benchmarks.host_threads``: the round and two half rounds, x the limit."""
+  with open(HOST_THREADS) as f:
+    d = json.load(f)
+  lines = ["| population | centralised (ms) | round (x limit) | two half rounds, one thread | two half rounds, "
+           "two threads | small-op loop: once / twice, one thread / twice, two threads (ms) | measured |",
+           "|---|---:|---:|---:|---:|---|---|"]
+  for name, r in d["points"].items():
+    x, loop = r["round_x_limit"], r["loop_ms"]
+    lines.append(f"| {name.replace('/', ', ')} clients | {r['round_ms']['centralised']:,.0f} | {x['round']:.2f}x | "
+                 f"{x['halves_one_thread']:.2f}x | **{x['halves_two_threads']:.2f}x** | {loop['one']:.0f} / "
+                 f"{loop['two_one_thread']:.0f} / {loop['two_threads']:.0f} | {r['date']}, {r['commit']}, "
+                 f"{r['cores']} cores, `{r['command']}` |")
+  return "\n".join(lines) + "\n"
+
+
+report.register("perf_host_threads", render_host_threads, sources=(HOST_THREADS,))
 report.register("perf_skew", render_skew, sources=(SKEW,))
 report.register("perf_small_gemm", render_small_gemm, sources=(SMALL_GEMM,))
 report.register("perf_skew_verdict", render_skew_verdict, sources=(SKEW,))

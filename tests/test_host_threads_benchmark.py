@@ -1,0 +1,30 @@
+"""The host-threads benchmark's split of a population (benchmarks/host_threads.py)."""
+
+import numpy as np
+import pytest
+
+from benchmarks import host_threads
+from fedjax_health.data.federated import FederatedDataset
+
+
+def test_split_by_size_rank_partitions_clients_and_deals_every_size():
+  sizes = np.array([5, 100, 1, 7, 7, 50, 3])
+  parts = host_threads.split_by_size_rank(sizes)
+  np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(7))
+  # ranks by size: 2(1) 6(3) 0(5) 3(7) 4(7) 5(50) 1(100) -> dealt alternately
+  np.testing.assert_array_equal(parts[0], [0, 1, 2, 4])
+  np.testing.assert_array_equal(parts[1], [3, 5, 6])
+
+
+def test_split_refuses_more_parts_than_clients():
+  with pytest.raises(ValueError, match="parts must be in"):
+    host_threads.split_by_size_rank(np.array([3, 4]), parts=3)
+
+
+def test_subset_keeps_each_clients_examples():
+  x = np.arange(12, dtype=np.float32).reshape(6, 2)
+  ds = FederatedDataset({"x": x, "y": np.arange(6)}, np.array([0, 1, 4, 6]))
+  sub = host_threads.subset(ds, np.array([0, 2]))
+  np.testing.assert_array_equal(sub.client_sizes, [1, 2])
+  np.testing.assert_array_equal(sub.client(1)["y"], [4, 5])
+  np.testing.assert_array_equal(sub.client(0)["x"], x[:1])
