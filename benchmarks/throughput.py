@@ -111,7 +111,7 @@ def bench_engine(model, ds, plan, width, repeats, lr=0.1, unroll=1, fast_path="o
 
 def make_engine_round(model, ds, plan, width=1, lr=0.1, unroll=1, fast_path="off", lowrank_width=None,
                       gram_table=True, narrow_buckets=True, first_layer_products=None, cohort_size=None,
-                      densify_steps=None):
+                      densify_steps=None, host_threads=1):
   """Returns (one round as a zero-argument function, first call's time incl. compile, path).
 
   ``gram_table``: give the round the precomputed input Gram table (``device_train_data(ds,
@@ -123,14 +123,16 @@ def make_engine_round(model, ds, plan, width=1, lr=0.1, unroll=1, fast_path="off
   the default blocks).
   ``narrow_buckets``: False builds the round without the low-rank path's narrow one-step buckets
   (``fedavg(narrow_divisors=())``): every one-step client pays the whole batch.
+  ``host_threads``: n > 1 runs ``alg.host_round_fn`` (the client map as n executions on n host threads).
   """
   alg = fa.fedavg(model, num_clients=ds.num_clients, cohort_size=cohort_size or ds.num_clients, plan=plan,
                   client_opt=client_lib.sgd(lr), clients_per_step=width, unroll=unroll, map_unroll=unroll,
                   fast_path=fast_path, lowrank_width=lowrank_width, first_layer_products=first_layer_products,
-                  densify_steps=densify_steps, narrow_divisors=None if narrow_buckets else ())
+                  densify_steps=densify_steps, narrow_divisors=None if narrow_buckets else (),
+                  host_threads=host_threads)
   state = alg.init(model.init(jax.random.key(0)))
   train = fa.device_train_data(ds, alg.gram_rows if gram_table else 0)
-  round_fn = jax.jit(alg.round_fn)
+  round_fn = alg.host_round_fn if host_threads > 1 else jax.jit(alg.round_fn)
   holder = {"state": state}
 
   def step():

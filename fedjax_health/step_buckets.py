@@ -154,7 +154,7 @@ def bucket_index(buckets: tuple[Bucket, ...], lengths: jax.Array, widths: jax.Ar
 
 def bucketed_map_sum(buckets: tuple[Bucket, ...], xs: PyTree, lengths: jax.Array,
                      axis_name: str | None = None, widths: jax.Array | None = None,
-                     extra: PyTree = None) -> tuple[PyTree, PyTree]:
+                     extra: PyTree = None, part: tuple[int, int] | None = None) -> tuple[PyTree, PyTree]:
   """Returns (sum over clients of contributions, stacked ``small`` outputs in cohort order).
 
   Args:
@@ -165,6 +165,10 @@ def bucketed_map_sum(buckets: tuple[Bucket, ...], xs: PyTree, lengths: jax.Array
     widths: ``[C]`` from ``client_widths``; needed only when a bucket keeps part of the batch.
     extra: an initial extra accumulator that buckets with ``Bucket.scatter`` add into; the sum is then
       ``(tree sum, extra)``.
+    part: ``(i, n)``: run only part ``i`` of ``n`` (``split_parts``): each bucket's clients dealt in turn,
+      longest first in ``chunk_length`` and dynamic buckets, so the ``n`` parts hold alike work. The
+      other clients' ``small`` rows stay zero; the parts' sums and ``small`` outputs add up to the whole
+      (``combine_parts``), up to the order of float additions.
   Every bucket's contributions must reduce to the same tree (they are added together).
   """
   if extra is None and any(b.scatter is not None for b in buckets):
@@ -172,11 +176,14 @@ def bucketed_map_sum(buckets: tuple[Bucket, ...], xs: PyTree, lengths: jax.Array
   cohort = lengths.shape[0]
   bidx = bucket_index(buckets, lengths, widths)
   within = None
-  if any(b.chunk_length for b in buckets):
+  by_length = [b.chunk_length or (part is not None and b.dynamic) for b in buckets]
+  if any(by_length):
     # Longest first inside chunk_length buckets (bidx == K, longer than every bucket: runs nowhere).
-    by_length = jnp.asarray([b.chunk_length for b in buckets] + [False])[bidx]
-    within = jnp.where(by_length, jnp.max(lengths) - lengths, 0)
+    within = jnp.where(jnp.asarray(by_length + [False])[bidx], jnp.max(lengths) - lengths, 0)
   order, starts, counts = assign_index(bidx, len(buckets), within)
+  if part is not None:
+    bidx = split_parts(bidx, order, starts, len(buckets), part)
+    order, starts, counts = assign_index(bidx, len(buckets), within)
   max_w = max(max(b.width, b.tail_width or 1) for b in buckets)
   order = jnp.concatenate([order, jnp.zeros((max_w,), jnp.int32)])  # padded lanes read client 0
 
@@ -265,6 +272,35 @@ def bucketed_map_sum(buckets: tuple[Bucket, ...], xs: PyTree, lengths: jax.Array
     else:
       acc, small_buf = run_chunks(b, b.width, starts[k], stop, -(-counts[k] // b.width), (acc, small_buf))
   return acc, small_buf
+
+
+def split_parts(bidx: jax.Array, order: jax.Array, starts: jax.Array, num_buckets: int,
+                part: tuple[int, int]) -> jax.Array:
+  """Returns ``bidx`` with the clients outside part ``i`` of ``n`` moved to ``num_buckets`` (run nowhere).
+
+  ``order``/``starts`` from ``assign_index(bidx, ...)``: a client's rank inside its bucket is its
+  position in ``order`` minus its bucket's start; ranks are dealt back and forth (0, 1, .., n-1, n-1,
+  .., 0, 0, 1, ..), so with clients longest first no part takes the longer of every turn.
+  """
+  i, n = part
+  if isinstance(n, bool) or not isinstance(n, int) or n < 1 or not isinstance(i, int) or not 0 <= i < n:
+    raise ValueError(f"part must be (i, n) with ints 0 <= i < n, got {part!r}")
+  pos = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+  rank = pos - jnp.concatenate([starts, jnp.zeros((1,), starts.dtype)])[bidx]
+  r = rank % (2 * n)
+  owner = jnp.where(r < n, r, 2 * n - 1 - r)
+  return jnp.where((owner == i) | (bidx >= num_buckets), bidx, num_buckets).astype(bidx.dtype)
+
+
+def combine_parts(outputs: list) -> PyTree:
+  """Adds the parts' ``bucketed_map_sum(..., part=)`` outputs (sums add; a client's ``small`` row is
+  zero outside its part, so booleans are or-ed and numbers added: each row is its part's, exactly)."""
+  def add(*xs):
+    out = xs[0]
+    for x in xs[1:]:
+      out = (out | x) if out.dtype == jnp.bool_ else out + x
+    return out
+  return jax.tree.map(add, *outputs)
 
 
 def bucketed_map(buckets: tuple[Bucket, ...], xs: PyTree, lengths: jax.Array,
