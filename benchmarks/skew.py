@@ -8,6 +8,8 @@ the same process, median over ``--repeats`` rounds after warm-up (compile exclud
   centralised        the limit: the same example-gradients as plan-steps SGD steps of one model
   python_loop        a Python loop over clients, one jitted local_train per client on its own steps
   dense / lowrank    our round, step buckets (each client costs its own steps), dense or default path
+  host_threads       the default path's round with its client map on one host thread per core
+                     (``fedavg(host_threads=)``, ``config.host_threads``: ``alg.host_round_fn``)
   lowrank_no_gram    the default path without the input Gram table (its Gram matrices formed every round)
   lowrank_chunk_products  the default path forming the first layer's products per chunk of clients
                      over their padded slots, not once per round over the dataset's rows
@@ -56,17 +58,17 @@ JSON = os.path.join(ROOT, "docs", "perf_skew.json")
 PNG = os.path.join(ROOT, "docs", "img", "perf_skew.png")
 # (workload, skew, cohort, baselines): the sweep that fits ~20 minutes on an idle 2-core CPU.
 DEFAULT_POINTS = (  # most important first: the JSON is rewritten after every point
-    ("mlp", "lognormal:1", 1000, "central,loop,lowrank,lowrank_chunk_products,lowrank_no_gram,dense,dense_static,"
-                                 "dense_padded"),
-    ("mlp", "lognormal:0", 1000, "central,loop,lowrank,lowrank_no_gram,dense,dense_padded"),
-    ("mlp", "lognormal:1.5", 1000, "central,loop,lowrank,lowrank_chunk_products,lowrank_no_gram,lowrank_step_by_step,"
-                                   "dense,dense_static"),
-    ("mlp", "power_law:1.5", 1000, "central,loop,lowrank,lowrank_chunk_products,lowrank_no_gram,lowrank_step_by_step,"
-                                   "dense,dense_static"),
-    ("mlp", "lognormal:0.5", 1000, "central,lowrank,lowrank_chunk_products,dense"),
-    ("mlp25", "lognormal:0", 1000, "central,lowrank,lowrank_step_by_step,dense"),
-    ("mlp", "lognormal:1", 10000, "central,lowrank,dense"),
-    ("mlp", "lognormal:1", 100, "central,loop,lowrank,dense"),
+    ("mlp", "lognormal:1", 1000, "central,loop,lowrank,host_threads,lowrank_chunk_products,lowrank_no_gram,dense,"
+                                 "dense_static,dense_padded"),
+    ("mlp", "lognormal:0", 1000, "central,loop,lowrank,host_threads,lowrank_no_gram,dense,dense_padded"),
+    ("mlp", "lognormal:1.5", 1000, "central,loop,lowrank,host_threads,lowrank_chunk_products,lowrank_no_gram,"
+                                   "lowrank_step_by_step,dense,dense_static"),
+    ("mlp", "power_law:1.5", 1000, "central,loop,lowrank,host_threads,lowrank_chunk_products,lowrank_no_gram,"
+                                   "lowrank_step_by_step,dense,dense_static"),
+    ("mlp", "lognormal:0.5", 1000, "central,lowrank,host_threads,lowrank_chunk_products,dense"),
+    ("mlp25", "lognormal:0", 1000, "central,lowrank,host_threads,lowrank_step_by_step,dense"),
+    ("mlp", "lognormal:1", 10000, "central,lowrank,host_threads,dense"),
+    ("mlp", "lognormal:1", 100, "central,loop,lowrank,host_threads,dense"),
     ("cnn", "lognormal:1", 100, "central,loop,dense,dense_static,dense_padded"),
 )
 
@@ -87,15 +89,18 @@ def _interleaved_medians(fns: dict, repeats: int) -> dict:
   return {k: statistics.median(v) for k, v in interleaved_times(fns, repeats).items()}
 
 
+HOST_THREADS = os.cpu_count() or 2  # "host_threads": one per core
+
 ENGINES = {  # name: (fast_path, step_buckets, input Gram table, first layer's products once per round,
-    #               fedavg(densify_steps=) (None: default))
-    "lowrank": ("auto", "pow2", True, None, None),  # the default path: low-rank short buckets, long clients dense
-    "lowrank_chunk_products": ("auto", "pow2", True, False, None),  # the default path, first layer per chunk
-    "lowrank_no_gram": ("auto", "pow2", False, None, None),  # the default path forming its Gram matrices every round
-    "lowrank_step_by_step": ("auto", "pow2", True, None, 0),  # the default path, long clients not in densified blocks
-    "dense": ("off", "pow2", True, None, None),  # every client dense, one at a time, exactly its own steps
-    "dense_static": ("off", "pow2_static", True, None, None),  # dense, padded to its power-of-two bucket
-    "dense_padded": ("off", "none", True, None, None),  # dense, padded to the largest client (the old engine)
+    #               fedavg(densify_steps=) (None: default), fedavg(host_threads=))
+    "lowrank": ("auto", "pow2", True, None, None, 1),  # the default path: low-rank short buckets, long clients dense
+    "host_threads": ("auto", "pow2", True, None, None, HOST_THREADS),  # the default path, client map on host threads
+    "lowrank_chunk_products": ("auto", "pow2", True, False, None, 1),  # the default path, first layer per chunk
+    "lowrank_no_gram": ("auto", "pow2", False, None, None, 1),  # the default path forming its Gram matrices every round
+    "lowrank_step_by_step": ("auto", "pow2", True, None, 0, 1),  # the default path, long clients not in densified blocks
+    "dense": ("off", "pow2", True, None, None, 1),  # every client dense, one at a time, exactly its own steps
+    "dense_static": ("off", "pow2_static", True, None, None, 1),  # dense, padded to its power-of-two bucket
+    "dense_padded": ("off", "none", True, None, None, 1),  # dense, padded to the largest client (the old engine)
 }
 
 
@@ -130,13 +135,15 @@ def measure(workload: str, skew: str, cohort: int, which: str, repeats: int, pea
   if "loop" in items:
     fns["python_loop"] = make_python_loop(model, ds, plan)
     jax.block_until_ready(fns["python_loop"]())
-  for name, (fast_path, buckets, gram, products, densify) in ENGINES.items():
+  for name, (fast_path, buckets, gram, products, densify, threads) in ENGINES.items():
     if name in items:
       p = dataclasses.replace(plan, step_buckets=buckets)
       fns[name], row["first_call_s"][name], path = make_engine_round(model, ds, p, 1, fast_path=fast_path,
                                                                      gram_table=gram, first_layer_products=products,
-                                                                     densify_steps=densify)
+                                                                     densify_steps=densify, host_threads=threads)
       row.setdefault("paths", {})[name] = path
+      if threads > 1:
+        row["host_threads"] = threads
   medians = _interleaved_medians(fns, repeats)
   row["round_ms"] = {k: 1e3 * v for k, v in medians.items()}
   row["load_after"] = os.getloadavg()[0]

@@ -32,6 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
   # shared-weight GEMMs when that is smaller (fedjax_health/lowrank.py); "lowrank" insists, "off" never.
   config.fast_path = "auto"
   config.lowrank_width = 0  # clients per low-rank chunk; 0 = sized to the cache (CPU) / memory (GPU)
+  # FedAvg family on CPU: > 1 runs each round's client map as that many executions on as many host
+  # threads (fedavg(host_threads=); one per core), which XLA's CPU client runs concurrently.
+  config.host_threads = 1
 
   # Input.
   config.dataset = ml_collections.ConfigDict()

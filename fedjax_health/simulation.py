@@ -55,6 +55,9 @@ class Experiment:
   evaluate: Callable[[Any], dict]
   params_of: Callable[[Any], Params] = lambda s: s.params
   round_path: str = ""  # how the round trains clients, when it matters ("plain" or "lowrank")
+  # The same round with its client map on host threads (config.host_threads > 1): a Python function
+  # calling jitted stages, run instead of ``round_fn`` when set.
+  host_round_fn: Callable | None = None
 
 
 ALGORITHMS: dict[str, Callable[[ml_collections.ConfigDict, FederatedData, models.Model], list[Experiment]]] = {}
@@ -104,8 +107,13 @@ def run_experiment(exp: Experiment, config, log: Callable[[str], None], write_ro
                    workdir: str | None = None) -> dict:
   """Runs ``config.num_rounds`` rounds of ``exp`` (resuming from a checkpoint); returns the final evaluation."""
   # The round key travels as raw key data so that it can be a replicated global array too.
-  exp_round = divergence.with_finite_flag(exp.round_fn, exp.params_of, config.get("divergence_loss_limit", float("inf")))
-  round_fn = jax.jit(lambda s, t, k: exp_round(s, t, jax.random.wrap_key_data(k)), donate_argnums=(0,))
+  limit = config.get("divergence_loss_limit", float("inf"))
+  if exp.host_round_fn is not None and not distributed.is_multiprocess():
+    host_round = divergence.with_finite_flag(exp.host_round_fn, exp.params_of, limit)
+    round_fn = lambda s, t, k: host_round(s, t, jax.random.wrap_key_data(k))
+  else:
+    exp_round = divergence.with_finite_flag(exp.round_fn, exp.params_of, limit)
+    round_fn = jax.jit(lambda s, t, k: exp_round(s, t, jax.random.wrap_key_data(k)), donate_argnums=(0,))
   state, start, ckpt = exp.init_state, 0, None
   train = exp.train
   rng = jax.random.key_data(jax.random.key(config.seed + 1))

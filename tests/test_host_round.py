@@ -114,3 +114,43 @@ def test_host_threads_misuse_is_refused():
   assert _alg(ds, 1)[0].host_round_fn is None
   with pytest.raises(ValueError, match="call it outside jit"):
     jax.jit(alg.host_round_fn)(state, train, jax.random.key(0))
+
+
+def _skewed_smoke(**overrides):
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "synthetic_skewed_1000.py")
+  spec = importlib.util.spec_from_file_location("synthetic_skewed_1000", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = mod.get_config("smoke")
+  for k, v in overrides.items():
+    setattr(config, k, v)
+  return config
+
+
+def test_simulation_with_host_threads_equals_one_program(tmp_path, monkeypatch):
+  from fedjax_health import simulation
+  parts = []
+  split = sb.split_parts
+  monkeypatch.setattr(sb, "split_parts", lambda *a: parts.append(a[-1]) or split(*a))
+  rows = {}
+  for n in (1, 2):
+    summary = simulation.run(_skewed_smoke(host_threads=n), str(tmp_path / str(n)), log=lambda s: None)
+    rows[n] = summary["experiments"]["fedavg"]
+    assert sorted(set(parts)) == ([] if n == 1 else [(0, 2), (1, 2)])  # the host round ran
+  assert set(rows[1]) == set(rows[2])
+  for key, value in rows[1].items():
+    if isinstance(value, float):
+      np.testing.assert_allclose(rows[2][key], value, rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_host_threads_config_is_checked():
+  from fedjax_health import config_validation
+  with pytest.raises(ValueError, match="host_threads must be an int >= 1"):
+    config_validation.validate_config(_skewed_smoke(host_threads=0))
+  config = _skewed_smoke(host_threads=2)
+  config.algorithm = "ifca"
+  with pytest.raises(ValueError, match="host_threads must be 1 for algorithm 'ifca'"):
+    config_validation.validate_config(config)
+  config_validation.validate_config(_skewed_smoke(host_threads=2))

@@ -64,16 +64,19 @@ def comm_bytes(params, cohort_size: int) -> dict:
 
 
 def _single(name, config, train_ds, model, evaluate) -> Experiment:
-  alg = build_fedavg_algorithm(config, train_ds, model)
+  alg = build_fedavg_algorithm(config, train_ds, model, host_threads=config.get("host_threads", 1))
   state = alg.init(model.init(jax.random.key(config.seed)))
   comm = comm_bytes(state.params, alg.cohort_size)
 
-  def round_fn(s, t, k):
-    s, m = alg.round_fn(s, t, k)
-    return s, {**m, **{key: jax.numpy.asarray(v, jax.numpy.float32) for key, v in comm.items()}}
+  def with_comm(fn):
+    def round_fn(s, t, k):
+      s, m = fn(s, t, k)
+      return s, {**m, **{key: jax.numpy.asarray(v, jax.numpy.float32) for key, v in comm.items()}}
+    return round_fn
 
-  return Experiment(name, state, round_fn, fedavg_lib.device_train_data(train_ds, alg.gram_rows),
-                    lambda st: {**evaluate(st.params), **comm}, round_path=alg.path)
+  return Experiment(name, state, with_comm(alg.round_fn), fedavg_lib.device_train_data(train_ds, alg.gram_rows),
+                    lambda st: {**evaluate(st.params), **comm}, round_path=alg.path,
+                    host_round_fn=alg.host_round_fn and with_comm(alg.host_round_fn))
 
 
 @register_algorithm("fedavg")
