@@ -3,7 +3,8 @@
   python -m benchmarks.host_threads                     # lognormal sigma 1, 1,000 clients, 11 repeats
   python -m benchmarks.host_threads --skew power_law:1.5 --repeats 15
 
-A lead for issue 11, not an engine feature. On XLA's CPU backend, the low-rank path's per-step work is
+The experiment behind ``fedavg(host_threads=)`` (``config.host_threads``; ``benchmarks.skew`` measures
+the engine's own host-thread round). On XLA's CPU backend, the low-rank path's per-step work is
 many small ops that run on one core (too small for XLA to split), while the round's large GEMMs
 (the first layer's products and kernel sum) use every core. Independent loops inside one XLA CPU
 program run one after the other (buffer assignment shares their temporaries), and so do two
