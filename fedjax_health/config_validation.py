@@ -89,6 +89,9 @@ def check_core(config, data=None) -> None:
             host_threads)
     import jax
     require(jax.process_count() == 1, "host_threads", "1 in a multi-process run", host_threads)
+    stacked = config.get("num_seeds", 1) > 1 or bool(config.get("sweep") and config.sweep.get("field"))
+    require(not stacked, "host_threads", "1 with config.num_seeds > 1 or config.sweep (their rounds run "
+            "vmapped in one program)", host_threads)
   import jax
   require(config.num_devices <= jax.device_count(), "num_devices",
           f"<= the {jax.device_count()} devices present", config.num_devices)

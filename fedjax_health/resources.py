@@ -71,6 +71,18 @@ def check_round_fits(config, data, model, stacked: bool = False, members: int = 
           f"a low-rank chunk is estimated to need {lowrank_need / 2**30:.1f} GiB but {have / 2**30:.1f} GiB is "
           f"available (config.lowrank_width={lowrank_width}, {steps} steps of {c.batch_size}); lower "
           f"config.lowrank_width (0 = sized to the cache / memory)")
+  host_threads = config.get("host_threads", 1)
+  if host_threads > 1:
+    # Each part of the client map runs at once with its own working set and its own [rows, d_out]
+    # buffer of the first layer's U (fedavg(host_threads=)).
+    first_out = next((p.shape[-1] for p in jax.tree.leaves(params) if len(p.shape) == 2), 0)
+    part = need - data_bytes + 4 * data.train.num_examples * first_out
+    host_need = need + (host_threads - 1) * part
+    if host_need > have:
+      raise ValueError(
+          f"the round on {host_threads} host threads is estimated to need {host_need / 2**30:.1f} GiB but "
+          f"{have / 2**30:.1f} GiB is available (each part of the client map holds its own working set and "
+          f"a [{data.train.num_examples:,}, {first_out}] buffer); lower config.host_threads")
   if need > have:
     raise ValueError(
         f"the round is estimated to need {need / 2**30:.1f} GiB but {have / 2**30:.1f} GiB is available "

@@ -153,4 +153,7 @@ def test_host_threads_config_is_checked():
   config.algorithm = "ifca"
   with pytest.raises(ValueError, match="host_threads must be 1 for algorithm 'ifca'"):
     config_validation.validate_config(config)
+  config = _skewed_smoke(host_threads=2, num_seeds=3)
+  with pytest.raises(ValueError, match="host_threads must be 1 with config.num_seeds > 1"):
+    config_validation.validate_config(config)
   config_validation.validate_config(_skewed_smoke(host_threads=2))

@@ -49,3 +49,19 @@ def test_members_of_one_program_multiply_the_working_set_not_the_data(tmp_path):
   with pytest.raises(ValueError, match=r"estimated to need .* members in one program: config.num_seeds x "
                                        r"config.sweep.values.*fewer seeds or sweep values"):
     simulation.run(config, str(tmp_path))
+
+
+def test_host_threads_that_cannot_fit_fail_before_compiling(monkeypatch):
+  """Each host thread's part holds its own working set and first-layer buffer: a budget that fits the
+  one-program round but not two parts is refused, naming config.host_threads."""
+  from fedjax_health.data import registry as data_registry
+  config = _synthetic_mlp()
+  data = data_registry.load_data(config.dataset, seed=config.seed)
+  model = simulation.build_model(config, data)
+  monkeypatch.setattr(resources, "available_bytes", lambda: 10**12)
+  one = resources.check_round_fits(config, data, model)
+  monkeypatch.setattr(resources, "available_bytes", lambda: one + 1)
+  resources.check_round_fits(config, data, model)
+  config.host_threads = 2
+  with pytest.raises(ValueError, match=r"on 2 host threads is estimated to need .*lower config.host_threads"):
+    resources.check_round_fits(config, data, model)

@@ -163,7 +163,10 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
       independent loops one after the other, while executions dispatched from separate threads run at
       the same time (``benchmarks/host_threads.py``). Needs a streaming aggregator, no mesh, and a
       bucketed client map (several step buckets or the low-rank path). ``round_fn`` is unchanged;
-      the two agree to float rounding. For CPU simulations: one thread per core.
+      the two agree to float rounding. For CPU simulations: one thread per core. Memory: each part
+      holds its own chunk working set and, with the round's first-layer products, its own ``[rows,
+      d_out]`` buffer (at 10,000 skewed clients, 156 MB each: there it ran slower, 1.42x against 1.35x
+      the limit; docs/performance.md).
   The client-map stage runs each client only for its own steps, bucketed by length
   (``step_buckets.py``; ``plan.step_buckets="none"``: padded to the longest); results are the same.
   """
