@@ -65,7 +65,7 @@ DEFAULT_POINTS = (  # most important first: the JSON is rewritten after every po
                                    "lowrank_step_by_step,dense,dense_static"),
     ("mlp", "power_law:1.5", 1000, "central,loop,lowrank,host_threads,lowrank_chunk_products,lowrank_no_gram,"
                                    "lowrank_step_by_step,dense,dense_static"),
-    ("mlp", "lognormal:0.5", 1000, "central,lowrank,host_threads,lowrank_chunk_products,dense"),
+    ("mlp", "lognormal:0.5", 1000, "central,loop,lowrank,host_threads,lowrank_chunk_products,dense"),
     ("mlp25", "lognormal:0", 1000, "central,lowrank,host_threads,lowrank_step_by_step,dense"),
     ("mlp", "lognormal:1", 10000, "central,lowrank,host_threads,dense"),
     ("mlp", "lognormal:1", 100, "central,loop,lowrank,host_threads,dense"),

@@ -468,13 +468,13 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     prep = prepare(state, train, rng)
     if streaming:
       agg, aux, norms, info = _streaming_aggregate(prep["shared"], prep["per_client"], prep["k_agg"])
-      return finish(state, prep, agg, aux, norms, info, state.agg_state, aux["weight"])
+      return finish(state, agg, aux, norms, info, state.agg_state, aux["weight"])
     updates, aux = client_map(prep["shared"], prep["per_client"], stacked=True)
     weights = fedopt_lib.aggregation_weights(weighting, aux["num_examples"], prep["sizes"])
     norms = agg_base.client_norms(updates)
     agg_ctx = {"params": state.params, "round": state.round, "client_ctx": prep["ctx"], "cohort": prep["cohort"]}
     agg, agg_state, info = aggregator.apply(updates, weights, state.agg_state, prep["k_agg"], agg_ctx)
-    return finish(state, prep, agg, aux, norms, info, agg_state, weights)
+    return finish(state, agg, aux, norms, info, agg_state, weights)
 
   def prepare(state: ServerState, train: dict, rng: jax.Array) -> dict:
     """The round up to its client map: cohort, batch plan, per-client inputs, Gram checks, products."""
@@ -514,7 +514,7 @@ def fedavg(model, *, num_clients: int, cohort_size: int, plan: BatchPlanSpec,
     return {"shared": (state.params, train["arrays"], gram, products), "per_client": per_client, "k_agg": k_agg,
             "sizes": sizes, "ctx": ctx, "cohort": cohort}
 
-  def finish(state: ServerState, prep: dict, agg, aux, norms, info, agg_state, weights):
+  def finish(state: ServerState, agg, aux, norms, info, agg_state, weights):
     """The round after its aggregate: server step and metrics."""
     pseudo_grad = jax.tree.map(jnp.negative, agg)
     server_updates, opt_state = server_opt.update(pseudo_grad, state.opt_state, state.params)
@@ -550,14 +550,17 @@ def _host_round(n: int, prepare: Callable, client_map_part: Callable, streaming_
   """``round_fn`` as three jitted stages, the middle one as ``n`` executions on ``n`` host threads."""
   import concurrent.futures
 
+  uses_gram = []  # whether the round reads train["gram"] (known when the head is traced)
+
   def head(state, train, rng):
     prep = prepare(state, train, rng)
-    # Stages take params and train themselves: no input passed through an output.
-    return {k: v for k, v in prep.items() if k != "shared"} | {"products": prep["shared"][3],
-                                                               "gram": prep["shared"][2]}
+    uses_gram[:] = [prep["shared"][2] is not None]
+    # Stages take params and train themselves: an input returned as an output is copied (the Gram
+    # table, ~25 MB for 20,000 MNIST-sized rows).
+    return {k: v for k, v in prep.items() if k != "shared"} | {"products": prep["shared"][3]}
 
   def shared_of(params, train, prep):
-    return (params, train["arrays"], prep["gram"], prep["products"])
+    return (params, train["arrays"], train["gram"] if uses_gram[0] else None, prep["products"])
 
   def part(i):
     return jax.jit(lambda params, train, prep: client_map_part(shared_of(params, train, prep), prep["per_client"],
@@ -575,7 +578,7 @@ def _host_round(n: int, prepare: Callable, client_map_part: Callable, streaming_
       delta = lowrank_lib.first_layer_delta(train["arrays"]["x"], sum(bufs[1:], bufs[0]))
       sums = ({**total, first: {**total[first], "kernel": total[first]["kernel"] + delta}}, stats)
     agg, aux, norms, info = streaming_finish((sums, small), prep["k_agg"])
-    return finish(state, prep, agg, aux, norms, info, state.agg_state, aux["weight"])
+    return finish(state, agg, aux, norms, info, state.agg_state, aux["weight"])
 
   head_jit, tail_jit, parts = jax.jit(head), jax.jit(tail), [part(i) for i in range(n)]
   pool = []
