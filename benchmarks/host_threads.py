@@ -42,7 +42,7 @@ if ROOT not in sys.path:
 
 from benchmarks.throughput import cpu_description, make_centralised, make_engine_round, skewed_dataset  # noqa: E402
 from fedjax_health import models  # noqa: E402
-from fedjax_health.data.federated import BatchPlanSpec, FederatedDataset  # noqa: E402
+from fedjax_health.data.federated import BatchPlanSpec  # noqa: E402
 
 JSON = os.path.join(ROOT, "docs", "perf_host_threads.json")
 
@@ -57,13 +57,6 @@ def split_by_size_rank(sizes: np.ndarray, parts: int = 2) -> list[np.ndarray]:
     raise ValueError(f"parts must be in [1, {len(sizes)}] (the number of clients), got {parts}")
   order = np.argsort(sizes, kind="stable")
   return [np.sort(order[i::parts]) for i in range(parts)]
-
-
-def subset(ds: FederatedDataset, clients: np.ndarray) -> FederatedDataset:
-  """The clients ``clients`` of ``ds`` as a dataset of their own (examples in client order)."""
-  parts = [ds.client(int(c)) for c in clients]
-  offsets = np.concatenate([[0], np.cumsum([len(p["y"]) for p in parts])])
-  return FederatedDataset({k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, offsets)
 
 
 def _run(fn):
@@ -126,7 +119,7 @@ def main():
 
   ds = skewed_dataset(args.clients, kind, sigma=value, power=value)
   model = models.get_model("mlp", 10, (784,), hidden=(200,))
-  halves = [subset(ds, c) for c in split_by_size_rank(ds.client_sizes)]
+  halves = [ds.select_clients(c) for c in split_by_size_rank(ds.client_sizes)]
   rounds = [make_engine_round(model, d, BatchPlanSpec.create(d.client_sizes, 10, num_epochs=1), 1,
                               fast_path="auto")[0] for d in [ds] + halves]
   central = make_centralised(model, ds, 2)

@@ -18,6 +18,11 @@ def register_check(fn: Callable):
   return fn
 
 
+# The FedAvg family: rounds with a streaming aggregate (no [cohort, params] stack), which also run
+# their client map on host threads (config.host_threads > 1).
+FEDAVG_FAMILY = ("fedavg", "fedprox", "fedopt", "local", "pooled")
+
+
 def require(cond: bool, field: str, allowed: str, value) -> None:
   if not cond:
     raise ValueError(f"config.{field} must be {allowed}, got {value!r}")
@@ -78,21 +83,20 @@ def check_core(config, data=None) -> None:
   _choice(config, "fast_path", ("auto", "lowrank", "off"))
   require(config.lowrank_width >= 0, "lowrank_width", ">= 0 (0: automatic)", config.lowrank_width)
   require(config.num_devices >= 0, "num_devices", ">= 0 (0: no sharding)", config.num_devices)
+  import jax
   host_threads = config.get("host_threads", 1)
   require(isinstance(host_threads, int) and not isinstance(host_threads, bool) and host_threads >= 1,
           "host_threads", "an int >= 1 (1: each round is one program)", host_threads)
   if host_threads > 1:
-    require(config.algorithm in HOST_THREAD_ALGORITHMS, "host_threads",
-            f"1 for algorithm {config.algorithm!r} (host threads run the rounds of {HOST_THREAD_ALGORITHMS})",
+    require(config.algorithm in FEDAVG_FAMILY, "host_threads",
+            f"1 for algorithm {config.algorithm!r} (host threads run the rounds of {FEDAVG_FAMILY})",
             host_threads)
     require(config.num_devices <= 1, "host_threads", "1 with num_devices > 1 (the cohort is sharded instead)",
             host_threads)
-    import jax
     require(jax.process_count() == 1, "host_threads", "1 in a multi-process run", host_threads)
     stacked = config.get("num_seeds", 1) > 1 or bool(config.get("sweep") and config.sweep.get("field"))
     require(not stacked, "host_threads", "1 with config.num_seeds > 1 or config.sweep (their rounds run "
             "vmapped in one program)", host_threads)
-  import jax
   require(config.num_devices <= jax.device_count(), "num_devices",
           f"<= the {jax.device_count()} devices present", config.num_devices)
   require(config.cohort_size >= 0, "cohort_size", ">= 0 (0: all clients)", config.cohort_size)
@@ -103,10 +107,6 @@ def check_core(config, data=None) -> None:
     n_dev = config.num_devices or (jax.device_count() if jax.process_count() > 1 else 1)
     if n_dev > 1:
       require(cohort % n_dev == 0, "cohort_size", f"a multiple of the {n_dev} devices it is sharded over", cohort)
-
-
-# Algorithms whose rounds run their client map on host threads (config.host_threads > 1).
-HOST_THREAD_ALGORITHMS = ("fedavg", "fedprox", "fedopt", "local", "pooled")
 
 
 def validate_config(config, data=None) -> None:

@@ -33,7 +33,7 @@ from fedjax_health import progress
 from fedjax_health import resources
 from fedjax_health import tensorboard
 from fedjax_health import workdir as workdir_lib
-from fedjax_health.config_validation import validate_config
+from fedjax_health.config_validation import FEDAVG_FAMILY, validate_config
 from fedjax_health.data import registry as data_registry
 from fedjax_health.data.federated import BatchPlanSpec, FederatedData
 
@@ -108,7 +108,7 @@ def run_experiment(exp: Experiment, config, log: Callable[[str], None], write_ro
   """Runs ``config.num_rounds`` rounds of ``exp`` (resuming from a checkpoint); returns the final evaluation."""
   # The round key travels as raw key data so that it can be a replicated global array too.
   limit = config.get("divergence_loss_limit", float("inf"))
-  if exp.host_round_fn is not None and not distributed.is_multiprocess():
+  if exp.host_round_fn is not None:  # config.host_threads > 1 (validated: one process, no mesh)
     host_round = divergence.with_finite_flag(exp.host_round_fn, exp.params_of, limit)
     round_fn = lambda s, t, k: host_round(s, t, jax.random.wrap_key_data(k))
   else:
@@ -237,7 +237,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, log: Callable[
   data = data_registry.load_data(config.dataset, seed=config.seed)
   validate_config(config, data)  # the checks that need the data (cohort vs population, ...)
   model = build_model(config, data)
-  streaming = config.algorithm in ("fedavg", "fedprox", "fedopt", "local", "pooled")
+  streaming = config.algorithm in FEDAVG_FAMILY
   resources.check_round_fits(config, data, model, stacked=not streaming)
   if distributed.is_multiprocess() and not distributed.is_chief():
     # Every process computes the same replicated results; only process 0 writes, logs and checkpoints.

@@ -32,7 +32,7 @@ import numpy as np
 
 from fedjax_health import checkpointing
 from fedjax_health import progress
-from fedjax_health.config_validation import register_check, require
+from fedjax_health.config_validation import FEDAVG_FAMILY, register_check, require
 
 SUPPORTED = ("fedavg", "fedprox", "fedopt", "local", "pooled", "dp_fedavg")
 
@@ -227,7 +227,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str, log: Callable[
     if i == 0:
       first_data, first_model, first_config = data, model, c
       # every member holds its own round's working set at once
-      streaming = c.algorithm in ("fedavg", "fedprox", "fedopt", "local", "pooled")
+      streaming = c.algorithm in FEDAVG_FAMILY
       resources.check_round_fits(c, data, model, stacked=not streaming, members=len(members))
     per_member.append(simulation.ALGORITHMS[c.algorithm](c, data, model))
   rebuilds, hparams = [None] * len(per_member[0]), None

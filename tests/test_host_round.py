@@ -10,18 +10,15 @@ from fedjax_health import models
 from fedjax_health import step_buckets as sb
 from fedjax_health.aggregators import robust
 from fedjax_health.algorithms import fedavg as fa
-from fedjax_health.data.federated import BatchPlanSpec, from_client_arrays
+from fedjax_health.data.federated import BatchPlanSpec
+from tests.test_lowrank import _mixed_data
+from tests.test_step_buckets import _assert_same
 
 SIZES = (1, 2, 3, 4, 6, 8, 13, 0, 30, 2, 40, 5, 7, 1, 3, 9, 2)
 
 
-def _data(poison=None, dim=32):
-  rng = np.random.default_rng(3)
-  arrays = [{"x": rng.normal(size=(n, dim)).astype(np.float32), "y": rng.integers(0, 3, n).astype(np.int32)}
-            for n in SIZES]
-  if poison is not None:
-    arrays[poison]["x"][0, 3] = np.inf
-  return from_client_arrays(arrays)
+def _data(poison=None):
+  return _mixed_data(SIZES, dim=32, poison=poison)
 
 
 def _alg(ds, host_threads=1, momentum=0.0, fast_path="auto", epochs=1, **kw):
@@ -41,15 +38,6 @@ def _run(ds, host_threads, rounds=2, **kw):
     state, metrics = round_fn(state, train, jax.random.key(r))
     history.append(metrics)
   return alg, state, history
-
-
-def _assert_same(a, b):
-  (_, sa, ha), (_, sb_, hb) = a, b
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-6), sa.params, sb_.params)
-  for ma, mb in zip(ha, hb):
-    assert set(ma) == set(mb)
-    for key in ma:
-      np.testing.assert_allclose(ma[key], mb[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
 @pytest.mark.parametrize("n", [2, 3])

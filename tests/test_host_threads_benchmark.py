@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from benchmarks import host_threads
-from fedjax_health.data.federated import FederatedDataset
 
 
 def test_split_by_size_rank_partitions_clients_and_deals_every_size():
@@ -19,12 +18,3 @@ def test_split_by_size_rank_partitions_clients_and_deals_every_size():
 def test_split_refuses_more_parts_than_clients():
   with pytest.raises(ValueError, match="parts must be in"):
     host_threads.split_by_size_rank(np.array([3, 4]), parts=3)
-
-
-def test_subset_keeps_each_clients_examples():
-  x = np.arange(12, dtype=np.float32).reshape(6, 2)
-  ds = FederatedDataset({"x": x, "y": np.arange(6)}, np.array([0, 1, 4, 6]))
-  sub = host_threads.subset(ds, np.array([0, 2]))
-  np.testing.assert_array_equal(sub.client_sizes, [1, 2])
-  np.testing.assert_array_equal(sub.client(1)["y"], [4, 5])
-  np.testing.assert_array_equal(sub.client(0)["x"], x[:1])
